@@ -1,0 +1,194 @@
+"""The interface every server rule implements, and the input checks they share.
+
+A rule has two halves:
+- the client half, :meth:`Rule.client_plan`: which LoRA factors a client trains and
+  sends this round, and whether it merges the server's update into its frozen base
+  weights and starts a fresh adapter. The training loop asks the rule, it never
+  branches on the rule's name;
+- the server half, :meth:`Rule.aggregate`: per adapted layer, the clients' updates and
+  weights in, a :class:`LayerState` out.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from glora.lowrank import LowRank, lora_init_A
+
+FACTORS = frozenset({"A", "B"})
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What a client does in one round under a rule.
+
+    train: the LoRA factors it trains ({"A", "B"}, {"B"} or {"A"}).
+    send: the factors it uploads (the others stay on the client).
+    merge_and_restart: merge the state's :meth:`LayerState.merge` into the frozen base
+        weights and start the round from the state's readout, which is then a fresh adapter.
+    personal: factors the client keeps from its own previous round instead of taking the
+        server's readout (FedSA-LoRA keeps B).
+    share_head: whether trainable non-LoRA parameters (a classification head) are
+        averaged on the server.
+    """
+
+    train: frozenset[str] = FACTORS
+    send: frozenset[str] = FACTORS
+    merge_and_restart: bool = False
+    personal: frozenset[str] = frozenset()
+    share_head: bool = True
+
+
+class LayerState(ABC):
+    """The server's representation of one layer after a round."""
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the layer."""
+
+    @abstractmethod
+    def readout(self, rank: int, scale: float) -> LowRank:
+        """The adapter a client of this rank and scale starts the next round from."""
+
+    def merge(self) -> LowRank | Tensor | None:
+        """What a client adds to its frozen base weight before the next round (None: nothing).
+
+        Low-rank where the rule allows it, a dense (d_out, d_in) tensor where it does not.
+        """
+        return None
+
+    @abstractmethod
+    def delta(self) -> Tensor:
+        """Dense (d_out, d_in) total update this state represents, base merge included.
+
+        Small sizes only: tests and evaluation of small backbones.
+        """
+
+    def merged_delta(self) -> Tensor | None:
+        """Dense form of :meth:`merge` (None when nothing is merged)."""
+        m = self.merge()
+        if m is None:
+            return None
+        return m.delta() if isinstance(m, LowRank) else m
+
+
+class Rule(ABC):
+    """A server aggregation rule. Subclasses set ``name`` and implement ``_aggregate``."""
+
+    name: ClassVar[str]
+    #: False for rules whose authors define them for equal client ranks only.
+    accepts_unequal_ranks: ClassVar[bool] = True
+
+    def client_plan(self, server_round: int) -> ClientPlan:
+        """What clients do in ``server_round`` (1-based). Default: train and send B and A."""
+        return ClientPlan()
+
+    def aggregate(
+        self,
+        updates: Sequence[LowRank],
+        weights: Sequence[float],
+        previous: LayerState | None = None,
+    ) -> LayerState:
+        """Aggregate one layer: ``updates`` of the K clients, ``weights`` (example counts or
+        any non-negative numbers, normalised here), ``previous`` the layer's last state.
+        Raises ValueError naming the client and the problem for bad input."""
+        w = normalize_weights(weights, len(updates))
+        check_updates(updates, self.name, equal_ranks=not self.accepts_unequal_ranks)
+        return self._aggregate(list(updates), w, previous)
+
+    def aggregate_layers(
+        self,
+        updates: Mapping[str, Sequence[LowRank]],
+        weights: Sequence[float],
+        previous: Mapping[str, LayerState] | None = None,
+    ) -> dict[str, LayerState]:
+        """Aggregate every layer of a model: ``updates[layer][client]``."""
+        previous = previous or {}
+        return {name: self.aggregate(ups, weights, previous.get(name)) for name, ups in updates.items()}
+
+    @abstractmethod
+    def _aggregate(self, updates: list[LowRank], weights: Tensor, previous: LayerState | None) -> LayerState:
+        """The rule itself, on checked input; ``weights`` (K,) float64 sum to 1."""
+
+
+def normalize_weights(weights: Sequence[float], n_clients: int) -> Tensor:
+    """Client weights as a float64 tensor (K,) summing to 1. ValueError for bad input."""
+    if n_clients == 0:
+        raise ValueError("aggregate got an empty client list: at least one client update is needed")
+    weights = [float(w) for w in weights]
+    if len(weights) != n_clients:
+        raise ValueError(f"got {len(weights)} weights for {n_clients} client updates: give one weight per client")
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise ValueError(f"client {i}: weight {w} is not finite")
+        if w < 0:
+            raise ValueError(f"client {i}: weight {w} is negative; weights must be >= 0 (e.g. example counts)")
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("all client weights are zero: at least one client needs a positive weight")
+    return torch.tensor(weights, dtype=torch.float64) / total
+
+
+def check_updates(updates: Sequence[LowRank], rule: str, equal_ranks: bool = False) -> None:
+    """ValueError naming the client for NaN/Inf factors, inconsistent shapes, or (when the
+    rule requires it) unequal ranks."""
+    if len(updates) == 0:
+        raise ValueError("aggregate got an empty client list: at least one client update is needed")
+    d_out, d_in = updates[0].B.shape[0], updates[0].A.shape[-1]
+    for i, u in enumerate(updates):
+        if u.B.ndim != 2 or u.A.ndim != 2:
+            raise ValueError(f"client {i}: B and A must be 2-D, got shapes {tuple(u.B.shape)} and {tuple(u.A.shape)}")
+        if u.B.shape[1] != u.A.shape[0]:
+            raise ValueError(
+                f"client {i}: B has rank {u.B.shape[1]} (shape {tuple(u.B.shape)}) but A has "
+                f"{u.A.shape[0]} rows (shape {tuple(u.A.shape)}); B is (d_out, r) and A is (r, d_in)"
+            )
+        if (u.d_out, u.d_in) != (d_out, d_in):
+            raise ValueError(
+                f"client {i}: layer shape (d_out, d_in) = {u.shape} differs from client 0's {(d_out, d_in)}"
+            )
+        for fname, f in (("B", u.B), ("A", u.A)):
+            if not bool(torch.isfinite(f).all()):
+                raise ValueError(f"client {i}: factor {fname} contains NaN or Inf")
+        if not math.isfinite(u.scale):
+            raise ValueError(f"client {i}: scale {u.scale} is not finite")
+    if equal_ranks:
+        ranks = [u.rank for u in updates]
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"rule {rule!r} needs equal client ranks but got ranks {ranks}; "
+                "use one rank for all clients or a rule that accepts different ranks "
+                "(glora, flora, flexlora, hetlora, florist)"
+            )
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """sum_i weights[i] * tensors[i], accumulated in ``dtype``."""
+    out = torch.zeros_like(tensors[0], dtype=dtype)
+    for w, t in zip(weights.tolist(), tensors, strict=True):
+        out.add_(t.to(dtype), alpha=w)
+    return out
+
+
+def fresh_adapter(rank: int, d_out: int, d_in: int, scale: float, seed: int, dtype: torch.dtype) -> LowRank:
+    """A standard LoRA initialisation (B = 0, A random) of the given rank, seeded.
+
+    Used by merge-and-restart rules: the client has merged the update into its base
+    weights and starts a new adapter. The same seed gives the same A, nested in rank.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return LowRank(torch.zeros(d_out, rank, dtype=dtype), lora_init_A(rank, d_in, g, dtype), scale)
+
+
+def common_scale(updates: Sequence[LowRank], weights: Tensor) -> float:
+    """The scale factor-averaging rules apply to mean(B) @ mean(A): the weighted mean of the
+    clients' scales (equal ranks with lora_alpha = 2r give one scale for all)."""
+    return float(sum(w * u.scale for w, u in zip(weights.tolist(), updates, strict=True)))

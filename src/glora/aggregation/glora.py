@@ -1,0 +1,216 @@
+"""GLoRA: gauge-aware aggregation in a consensus subspace (../shared/design/method.md).
+
+Per layer, all in low-rank form; no (d_out, d_in) matrix is ever built:
+1. each client's update in canonical form X_i diag(sig_i) Y_i^T (gauge-invariant);
+2. the consensus subspace U: top-R left singular vectors of the stacked
+   [sqrt(w_i) X_i] ("projector") or [sqrt(w_i) X_i diag(sig_i)] ("energy");
+3. the server core C = sum_i w_i U^T Delta_i (R, d_in), or with ``sides=2`` a second
+   basis V from the Y_i and an (R, R) core U^T Delta_i V;
+4. the state U C = P_U (sum_i w_i Delta_i);
+5. a readout at any rank r is the truncated SVD of U C, nested in r, in the
+   "balanced" or "a-normal" gauge, padded with a fresh LoRA A where U C has fewer than
+   r non-zero singular values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from glora.aggregation.base import ClientPlan, LayerState, Rule, fresh_adapter
+from glora.lowrank import DEFAULT_RTOL, LORA_INIT_ROW_NORM, LowRank, lora_init_A, numerical_rank
+
+Consensus = Literal["projector", "energy"]
+ReadoutGauge = Literal["balanced", "a-normal"]
+
+
+@dataclass(frozen=True)
+class SpectralState(LayerState):
+    """A layer update held as its thin SVD: Delta = Ub diag(lam) Q^T.
+
+    Shapes: Ub (d_out, k) and Q (d_in, k) orthonormal columns, lam (k,) decreasing, all
+    in the server dtype. ``out_dtype`` is the clients' dtype for readouts; ``seed`` fixes
+    the fresh LoRA rows that pad a readout when k < r.
+    """
+
+    Ub: Tensor
+    lam: Tensor
+    Q: Tensor
+    out_dtype: torch.dtype
+    gauge: ReadoutGauge = "balanced"
+    seed: int = 0
+    restart: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.Ub.shape[0]), int(self.Q.shape[0]))
+
+    @property
+    def rank(self) -> int:
+        return int(self.lam.shape[0])
+
+    def readout(self, rank: int, scale: float) -> LowRank:
+        if rank < 1:
+            raise ValueError(f"readout rank must be >= 1, got {rank}")
+        if scale <= 0:
+            raise ValueError(f"readout scale must be > 0, got {scale}")
+        d_out, d_in = self.shape
+        if self.restart:
+            return fresh_adapter(rank, d_out, d_in, scale, self.seed, self.out_dtype)
+        return self.truncated(rank, scale)
+
+    def truncated(self, rank: int, scale: float) -> LowRank:
+        """The best rank-``rank`` approximation of the state, as factors with ``scale``."""
+        d_out, d_in = self.shape
+        k = min(rank, self.rank)
+        lam, Ub, Q = self.lam[:k], self.Ub[:, :k], self.Q[:, :k]
+        if self.gauge == "balanced":
+            root = torch.sqrt(lam / scale)
+            B, A = Ub * root, root[:, None] * Q.T
+        else:
+            c = LORA_INIT_ROW_NORM
+            B, A = Ub * (lam / (scale * c)), c * Q.T
+        if k < rank:
+            # Zero columns of B with fresh rows of A: the update is unchanged and local
+            # training can still move (B = 0 and A = 0 together would freeze the adapter).
+            g = torch.Generator().manual_seed(self.seed)
+            pad_A = lora_init_A(rank, d_in, g, B.dtype)[k:]
+            B = torch.cat([B, B.new_zeros(d_out, rank - k)], dim=1)
+            A = torch.cat([A, pad_A], dim=0)
+        return LowRank(B.to(self.out_dtype), A.to(self.out_dtype), scale)
+
+    def merge(self) -> LowRank | None:
+        if not self.restart or self.rank == 0:
+            return None
+        return self.truncated(self.rank, 1.0)
+
+    def delta(self) -> Tensor:
+        return ((self.Ub * self.lam) @ self.Q.T).to(self.out_dtype)
+
+
+@dataclass(frozen=True)
+class _Stacked:
+    """All clients' canonical forms side by side: Q = sum_i q_i columns.
+
+    X (d_out, Q), Y (d_in, Q), sig (Q,), w (Q,) each column's client weight.
+    """
+
+    X: Tensor
+    Y: Tensor
+    sig: Tensor
+    w: Tensor
+
+
+class GLoRA(Rule):
+    """Gauge-aware server representation for federated LoRA.
+
+    Options (method.md):
+    rank: server rank R (default: the largest client rank); with ``threshold``, the cap.
+    threshold: keep every consensus direction whose eigenvalue of the weighted projector
+        average is >= threshold (for "energy", relative to the largest), at most ``rank``.
+    consensus: "projector" (agreement) or "energy" (what a dense SVD would rank by).
+    sides: 1 (left basis U, core R x d_in) or 2 (also a right basis V, core R x R).
+    readout_gauge: "balanced" (sqrt of the singular values on each side) or "a-normal"
+        (A's rows orthonormal at the norm of a LoRA init, magnitudes in B).
+    memory: weight in [0, 1) of the previous state's subspace in the projector average
+        (0: this round's participants only).
+    restart: clients merge the state into their base weights and start a fresh adapter.
+    dtype: server math dtype (float64 default; float32 is faster).
+    rtol: relative tolerance of the numerical ranks.
+    seed: seed of the fresh LoRA rows that pad a rank-deficient readout.
+    """
+
+    name = "glora"
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        threshold: float | None = None,
+        consensus: Consensus = "projector",
+        sides: int = 1,
+        readout_gauge: ReadoutGauge = "balanced",
+        memory: float = 0.0,
+        restart: bool = False,
+        dtype: torch.dtype = torch.float64,
+        rtol: float = DEFAULT_RTOL,
+        seed: int = 0,
+    ) -> None:
+        if rank is not None and rank < 1:
+            raise ValueError(f"glora: rank must be >= 1 or None (largest client rank), got {rank}")
+        if threshold is not None and not 0 < threshold <= 1:
+            raise ValueError(f"glora: threshold must be in (0, 1], got {threshold}")
+        if consensus not in ("projector", "energy"):
+            raise ValueError(f"glora: consensus must be 'projector' or 'energy', got {consensus!r}")
+        if sides not in (1, 2):
+            raise ValueError(f"glora: sides must be 1 or 2, got {sides}")
+        if readout_gauge not in ("balanced", "a-normal"):
+            raise ValueError(f"glora: readout_gauge must be 'balanced' or 'a-normal', got {readout_gauge!r}")
+        if not 0 <= memory < 1:
+            raise ValueError(f"glora: memory must be in [0, 1), got {memory}")
+        self.rank, self.threshold, self.consensus, self.sides = rank, threshold, consensus, sides
+        self.readout_gauge, self.memory, self.restart = readout_gauge, memory, restart
+        self.dtype, self.rtol, self.seed = dtype, rtol, seed
+
+    def client_plan(self, server_round: int) -> ClientPlan:
+        return ClientPlan(merge_and_restart=self.restart)
+
+    def _aggregate(self, updates: list[LowRank], weights: Tensor, previous: LayerState | None) -> SpectralState:
+        stacked = self._stack(updates, weights)
+        R = self.rank or max(u.rank for u in updates)
+        prev = previous if isinstance(previous, SpectralState) and self.memory > 0 else None
+        U = self._basis(stacked.X, stacked, R, None if prev is None else (prev.Ub, prev.lam))
+        coeff = (U.T @ stacked.X) * (stacked.w * stacked.sig)  # (R, Q): w_i U^T X_i diag(sig_i)
+        if self.sides == 1:
+            C = coeff @ stacked.Y.T  # (R, d_in)
+            P, lam, Qh = torch.linalg.svd(C, full_matrices=False)
+            Ub, Q = U @ P, Qh.T
+        else:
+            V = self._basis(stacked.Y, stacked, R, None if prev is None else (prev.Q, prev.lam))
+            K = coeff @ (stacked.Y.T @ V)  # (R, R)
+            P, lam, Qh = torch.linalg.svd(K)
+            Ub, Q = U @ P, V @ Qh.T
+        keep = numerical_rank(lam, self.rtol)
+        return SpectralState(
+            Ub[:, :keep].contiguous(),
+            lam[:keep].contiguous(),
+            Q[:, :keep].contiguous(),
+            out_dtype=updates[0].dtype,
+            gauge=self.readout_gauge,
+            seed=self.seed,
+            restart=self.restart,
+        )
+
+    def _stack(self, updates: list[LowRank], weights: Tensor) -> _Stacked:
+        forms = [u.canonical(self.rtol, self.dtype) for u in updates]
+        w = torch.cat([wi.to(self.dtype).repeat(f.rank) for f, wi in zip(forms, weights, strict=True)])
+        return _Stacked(
+            X=torch.cat([f.X for f in forms], dim=1),
+            Y=torch.cat([f.Y for f in forms], dim=1),
+            sig=torch.cat([f.sig for f in forms]),
+            w=w,
+        )
+
+    def _basis(self, Z: Tensor, s: _Stacked, R: int, prev: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Top consensus directions of the columns of Z (X or Y), orthonormal (d, R')."""
+        col = torch.sqrt(s.w)
+        if self.consensus == "energy":
+            col = col * s.sig
+        M = Z * col
+        if prev is not None:
+            pcol = torch.full_like(prev[1], self.memory**0.5)
+            if self.consensus == "energy":
+                pcol = pcol * prev[1]
+            M = torch.cat([M * (1 - self.memory) ** 0.5, prev[0].to(self.dtype) * pcol], dim=1)
+        if M.shape[1] == 0:
+            return M.new_zeros(M.shape[0], 0)
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)
+        eig = S**2  # eigenvalues of the weighted projector (or energy) average
+        k = min(R, numerical_rank(S, self.rtol))
+        if self.threshold is not None:
+            ref = 1.0 if self.consensus == "projector" else float(eig[0])
+            k = min(k, int((eig >= self.threshold * ref).sum()))
+        return U[:, :k]
+

@@ -1,0 +1,1 @@
+"""Experiments: the demonstration, named presets, sweeps, the results store, tables and plots."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: random client updates on which the properties under test could fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glora import LowRank
+
+
+def make_updates(
+    ranks, d_out=37, d_in=23, scale=2.0, seed=0, dtype=torch.float64, shared_A=False
+) -> list[LowRank]:
+    """Generic client updates: independent Gaussian factors (unless ``shared_A``), non-square."""
+    g = torch.Generator().manual_seed(seed)
+    A0 = torch.randn(ranks[0], d_in, generator=g, dtype=dtype)
+    return [
+        LowRank(
+            torch.randn(d_out, r, generator=g, dtype=dtype),
+            A0.clone() if shared_A else torch.randn(r, d_in, generator=g, dtype=dtype),
+            scale,
+        )
+        for r in ranks
+    ]
+
+
+def random_gauges(updates, seed=1, cond_max=10.0) -> list[LowRank]:
+    """Each update in a random well-conditioned gauge G_i (singular values in [1, cond_max])."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for u in updates:
+        r = u.rank
+        Q1, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
+        Q2, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
+        s = torch.linspace(1.0, cond_max, r, dtype=torch.float64)
+        out.append(u.gauge((Q1 * s) @ Q2.T))
+    return out
+
+
+def weighted_mean(updates, weights) -> torch.Tensor:
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    return sum(wi * u.delta().double() for wi, u in zip(w.tolist(), updates, strict=True))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture
+def unequal():
+    return make_updates([2, 4, 8, 3]), [10.0, 30.0, 5.0, 55.0]
+
+
+@pytest.fixture
+def equal():
+    return make_updates([4, 4, 4]), [10.0, 30.0, 60.0]
