@@ -2,11 +2,13 @@
 
 A rule has two halves:
 - the client half, :meth:`Rule.client_plan`: which LoRA factors a client trains and
-  sends this round, and whether it merges the server's update into its frozen base
-  weights and starts a fresh adapter. The training loop asks the rule, it never
-  branches on the rule's name;
+  sends this round, which it keeps as its own, whether the head is shared;
 - the server half, :meth:`Rule.aggregate`: per adapted layer, the clients' updates and
-  weights in, a :class:`LayerState` out.
+  weights in, a :class:`LayerState` out. The state says what every client merges into
+  its frozen base weights (:meth:`LayerState.merge`: FLoRA's stacked mean, FedEx-LoRA's
+  dense residual) and which adapter it starts the next round from
+  (:meth:`LayerState.readout`: a fresh one for merge-and-restart rules).
+The training loop asks the rule and the state; it never branches on the rule's name.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ class ClientPlan:
 
     train: the LoRA factors it trains ({"A", "B"}, {"B"} or {"A"}).
     send: the factors it uploads (the others stay on the client).
-    merge_and_restart: merge the state's :meth:`LayerState.merge` into the frozen base
-        weights and start the round from the state's readout, which is then a fresh adapter.
     personal: factors the client keeps from its own previous round instead of taking the
         server's readout (FedSA-LoRA keeps B).
     share_head: whether trainable non-LoRA parameters (a classification head) are
@@ -41,7 +41,6 @@ class ClientPlan:
 
     train: frozenset[str] = FACTORS
     send: frozenset[str] = FACTORS
-    merge_and_restart: bool = False
     personal: frozenset[str] = frozenset()
     share_head: bool = True
 

@@ -20,75 +20,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from glora.aggregation.base import ClientPlan, LayerState, Rule, fresh_adapter
-from glora.lowrank import DEFAULT_RTOL, LORA_INIT_ROW_NORM, LowRank, lora_init_A, numerical_rank
+from glora.aggregation.base import LayerState, Rule
+from glora.aggregation.spectral import ReadoutGauge, SpectralState
+from glora.lowrank import DEFAULT_RTOL, LowRank, numerical_rank
 
 Consensus = Literal["projector", "energy"]
-ReadoutGauge = Literal["balanced", "a-normal"]
-
-
-@dataclass(frozen=True)
-class SpectralState(LayerState):
-    """A layer update held as its thin SVD: Delta = Ub diag(lam) Q^T.
-
-    Shapes: Ub (d_out, k) and Q (d_in, k) orthonormal columns, lam (k,) decreasing, all
-    in the server dtype. ``out_dtype`` is the clients' dtype for readouts; ``seed`` fixes
-    the fresh LoRA rows that pad a readout when k < r.
-    """
-
-    Ub: Tensor
-    lam: Tensor
-    Q: Tensor
-    out_dtype: torch.dtype
-    gauge: ReadoutGauge = "balanced"
-    seed: int = 0
-    restart: bool = False
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.Ub.shape[0]), int(self.Q.shape[0]))
-
-    @property
-    def rank(self) -> int:
-        return int(self.lam.shape[0])
-
-    def readout(self, rank: int, scale: float) -> LowRank:
-        if rank < 1:
-            raise ValueError(f"readout rank must be >= 1, got {rank}")
-        if scale <= 0:
-            raise ValueError(f"readout scale must be > 0, got {scale}")
-        d_out, d_in = self.shape
-        if self.restart:
-            return fresh_adapter(rank, d_out, d_in, scale, self.seed, self.out_dtype)
-        return self.truncated(rank, scale)
-
-    def truncated(self, rank: int, scale: float) -> LowRank:
-        """The best rank-``rank`` approximation of the state, as factors with ``scale``."""
-        d_out, d_in = self.shape
-        k = min(rank, self.rank)
-        lam, Ub, Q = self.lam[:k], self.Ub[:, :k], self.Q[:, :k]
-        if self.gauge == "balanced":
-            root = torch.sqrt(lam / scale)
-            B, A = Ub * root, root[:, None] * Q.T
-        else:
-            c = LORA_INIT_ROW_NORM
-            B, A = Ub * (lam / (scale * c)), c * Q.T
-        if k < rank:
-            # Zero columns of B with fresh rows of A: the update is unchanged and local
-            # training can still move (B = 0 and A = 0 together would freeze the adapter).
-            g = torch.Generator().manual_seed(self.seed)
-            pad_A = lora_init_A(rank, d_in, g, B.dtype)[k:]
-            B = torch.cat([B, B.new_zeros(d_out, rank - k)], dim=1)
-            A = torch.cat([A, pad_A], dim=0)
-        return LowRank(B.to(self.out_dtype), A.to(self.out_dtype), scale)
-
-    def merge(self) -> LowRank | None:
-        if not self.restart or self.rank == 0:
-            return None
-        return self.truncated(self.rank, 1.0)
-
-    def delta(self) -> Tensor:
-        return ((self.Ub * self.lam) @ self.Q.T).to(self.out_dtype)
 
 
 @dataclass(frozen=True)
@@ -117,7 +53,8 @@ class GLoRA(Rule):
         (A's rows orthonormal at the norm of a LoRA init, magnitudes in B).
     memory: weight in [0, 1) of the previous state's subspace in the projector average
         (0: this round's participants only).
-    restart: clients merge the state into their base weights and start a fresh adapter.
+    restart: clients merge the state into their base weights and start a fresh adapter
+        (merge-and-restart) instead of continuing from the readout (warm start).
     dtype: server math dtype (float64 default; float32 is faster).
     rtol: relative tolerance of the numerical ranks.
     seed: seed of the fresh LoRA rows that pad a rank-deficient readout.
@@ -153,9 +90,6 @@ class GLoRA(Rule):
         self.rank, self.threshold, self.consensus, self.sides = rank, threshold, consensus, sides
         self.readout_gauge, self.memory, self.restart = readout_gauge, memory, restart
         self.dtype, self.rtol, self.seed = dtype, rtol, seed
-
-    def client_plan(self, server_round: int) -> ClientPlan:
-        return ClientPlan(merge_and_restart=self.restart)
 
     def _aggregate(self, updates: list[LowRank], weights: Tensor, previous: LayerState | None) -> SpectralState:
         stacked = self._stack(updates, weights)
