@@ -56,7 +56,7 @@ def test_layer_shapes_disagree(name):
 def test_factor_ranks_disagree(name):
     ups = make_updates([4, 4])
     ups[1] = LowRank(ups[1].B, ups[1].A[:3], ups[1].scale)
-    with pytest.raises(ValueError, match="client 1: B has rank 4 .* but A has 3 rows"):
+    with pytest.raises(ValueError, match=r"client 1: B has rank 4 .* but A has 3 rows"):
         get_rule(name).aggregate(ups, [1.0, 1.0])
 
 
@@ -66,7 +66,7 @@ def test_rule_needing_equal_ranks_names_itself_and_the_ranks():
 
 
 def test_unknown_rule_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown rule 'fedavg'; available rules: .*fedit.*glora"):
+    with pytest.raises(ValueError, match=r"unknown rule 'fedavg'; available rules: .*fedit.*glora"):
         get_rule("fedavg")
 
 
