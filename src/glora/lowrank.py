@@ -123,3 +123,12 @@ def lora_init_A(rank: int, d_in: int, generator: torch.Generator, dtype: torch.d
 # Expected Euclidean norm of one row of :func:`lora_init_A`: d_in entries of variance
 # bound^2 / 3 = 1 / (3 d_in), whatever d_in is.
 LORA_INIT_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+def random_gauge_matrix(rank: int, generator: torch.Generator, cond: float = 4.0) -> Tensor:
+    """A random invertible (rank, rank) gauge with singular values spread over [1/sqrt(cond), sqrt(cond)]:
+    well conditioned, so applying it changes the factors a lot and the update only by round-off."""
+    Q1, _ = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64))
+    s = torch.logspace(-0.5, 0.5, rank, base=cond, dtype=torch.float64) if rank > 1 else torch.ones(1, dtype=torch.float64)
+    return (Q1 * s) @ Q2.T

@@ -85,6 +85,11 @@ class Rule(ABC):
     name: ClassVar[str]
     #: False for rules whose authors define them for equal client ranks only.
     accepts_unequal_ranks: ClassVar[bool] = True
+    #: True for the centralized reference: the loop pools every client's data into one client.
+    pooled: ClassVar[bool] = False
+    #: True where the rule's result is each client's own model (local-only, FedSA-LoRA):
+    #: the loop then reports the mean of the clients' own models as the main metric.
+    reports_personal: ClassVar[bool] = False
 
     def client_plan(self, server_round: int) -> ClientPlan:
         """What clients do in ``server_round`` (1-based). Default: train and send B and A."""
