@@ -1,0 +1,138 @@
+"""Splitting a training set among clients: IID, or Dirichlet label skew.
+
+Every function returns one sorted int64 index array per client; together they hold every
+example exactly once. A seed fixes the split.
+
+The Dirichlet scheme is written out here because no declared dependency has it for plain
+arrays (flwr-datasets' DirichletPartitioner works only on Hugging Face datasets). It is the
+one of Hsu et al. 2019 as implemented in NIID-Bench (Li et al. 2021) and FedLab's
+``hetero_dir_partition``: for each class, draw client proportions from Dir(alpha), give no
+more of it to clients that already hold their even share n / num_clients, cut the shuffled
+class at those proportions, and redraw everything until each client holds at least min_size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from torch import Tensor
+
+LabelsLike = Sequence[float] | np.ndarray | Tensor
+
+
+def _check_clients(n: int, num_clients: int) -> None:
+    if int(num_clients) != num_clients or num_clients < 1:
+        raise ValueError(f"num_clients must be a positive integer; got {num_clients}")
+    if num_clients > n:
+        raise ValueError(f"more clients ({num_clients}) than examples ({n}); use at most {n} clients")
+
+
+def _as_labels(labels: LabelsLike) -> np.ndarray:
+    if isinstance(labels, Tensor):
+        labels = labels.detach().cpu().numpy()
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional (one per example); got shape {y.shape}")
+    return y
+
+
+def iid_partition(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    """A uniformly random split of range(n) into num_clients parts whose sizes differ by at most one."""
+    _check_clients(n, num_clients)
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part).astype(np.int64) for part in np.array_split(perm, num_clients)]
+
+
+def label_buckets(labels: LabelsLike, num_buckets: int = 5) -> np.ndarray:
+    """Class ids (n,) int64: integer labels unchanged, float labels cut into equal-width buckets.
+
+    Float labels (STS-B's 0-5 similarity) are cut into ``num_buckets`` equal-width bins over
+    [min, max], the maximum falling in the last bin; for STS-B that is [0,1), ..., [4,5].
+    """
+    y = _as_labels(labels)
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        return y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.floating):
+        raise ValueError(f"labels must be integer class ids or float scores; got dtype {y.dtype}")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("float labels must be finite to be bucketed")
+    if len(y) == 0:
+        return y.astype(np.int64)
+    lo, hi = float(y.min()), float(y.max())
+    if hi == lo:
+        return np.zeros(len(y), dtype=np.int64)
+    return np.minimum(((y - lo) / (hi - lo) * num_buckets).astype(np.int64), num_buckets - 1)
+
+
+def _dirichlet_draw(
+    y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]] | None:
+    """One draw of the scheme; None when the mass of a class fell only on full clients."""
+    n = len(y)
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for k in np.unique(y):
+        idx = np.flatnonzero(y == k)
+        rng.shuffle(idx)
+        p = rng.dirichlet(np.full(num_clients, alpha))
+        p = p * np.array([len(part) < n / num_clients for part in parts])
+        if p.sum() <= 0:
+            return None
+        cuts = (np.cumsum(p / p.sum()) * len(idx)).astype(np.int64)[:-1]
+        for part, chunk in zip(parts, np.split(idx, cuts), strict=True):
+            part.extend(chunk.tolist())
+    return parts
+
+
+def dirichlet_partition(
+    labels: LabelsLike,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    min_size: int = 10,
+    max_retries: int = 1000,
+) -> list[np.ndarray]:
+    """Label-skewed split of range(len(labels)): smaller alpha, more skew.
+
+    Float labels (regression) are bucketed with :func:`label_buckets` first. Raises
+    ValueError when no draw in ``max_retries`` gives every client ``min_size`` examples.
+    """
+    y = label_buckets(labels)
+    n = len(y)
+    _check_clients(n, num_clients)
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number (smaller = more label skew); got {alpha}")
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0; got {min_size}")
+    if min_size * num_clients > n:
+        raise ValueError(
+            f"{num_clients} clients with at least min_size={min_size} examples each need {min_size * num_clients} "
+            f"examples, but there are {n}; lower min_size or use fewer clients"
+        )
+    rng = np.random.default_rng(seed)
+    for _ in range(max_retries):
+        parts = _dirichlet_draw(y, num_clients, alpha, rng)
+        if parts is not None and min(len(part) for part in parts) >= min_size:
+            return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
+    raise ValueError(
+        f"no Dirichlet split in {max_retries} draws gave each of {num_clients} clients at least {min_size} of "
+        f"{n} examples (alpha={alpha}); raise alpha, lower min_size, or use fewer clients"
+    )
+
+
+def label_skew(parts: Sequence[np.ndarray], labels: LabelsLike) -> float:
+    """Mean over non-empty clients of the total-variation distance between the client's label
+    distribution and that of all the examples in ``parts``: 0 for identical mixes, 1 at most.
+    Float labels are bucketed with :func:`label_buckets` first."""
+    y = label_buckets(labels)
+    nonempty = [np.asarray(p, dtype=np.int64) for p in parts if len(p)]
+    if not nonempty:
+        raise ValueError("label_skew needs at least one non-empty client")
+    classes, pooled = np.unique(y[np.concatenate(nonempty)], return_inverse=True)
+    global_dist = np.bincount(pooled, minlength=len(classes)) / len(pooled)
+    tvs = []
+    for part in nonempty:
+        local = np.searchsorted(classes, y[part])
+        dist = np.bincount(local, minlength=len(classes)) / len(part)
+        tvs.append(0.5 * float(np.abs(dist - global_dist).sum()))
+    return float(np.mean(tvs))
