@@ -6,13 +6,29 @@ Adding a rule: a new module with a :class:`Rule` subclass, and one line in ``RUL
 from __future__ import annotations
 
 from glora.aggregation.base import ClientPlan, LayerState, Rule, normalize_weights
+from glora.aggregation.fedex import FedExLoRA
 from glora.aggregation.fedit import FedIT
+from glora.aggregation.fedsa import FedSALoRA
+from glora.aggregation.ffa import FFALoRA
+from glora.aggregation.flexlora import FlexLoRA
+from glora.aggregation.flora import FLoRA
+from glora.aggregation.florist import FLoRIST
 from glora.aggregation.glora import GLoRA
+from glora.aggregation.hetlora import HetLoRA
 from glora.aggregation.params import average_params
+from glora.aggregation.rolora import RoLoRA
 
 RULES: dict[str, type[Rule]] = {
     "glora": GLoRA,
     "fedit": FedIT,
+    "ffa-lora": FFALoRA,
+    "flora": FLoRA,
+    "flexlora": FlexLoRA,
+    "hetlora": HetLoRA,
+    "fedex-lora": FedExLoRA,
+    "fedsa-lora": FedSALoRA,
+    "rolora": RoLoRA,
+    "florist": FLoRIST,
 }
 
 
