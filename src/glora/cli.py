@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from glora.federation.config import RANK_DISTRIBUTIONS, RunConfig
+
+_D = RunConfig()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning with GLoRA.")
 
@@ -18,6 +26,145 @@ def demo(seed: int = typer.Option(0, help="Seed of the synthetic client updates.
     from glora.experiments.demo import print_demo, run_demo
 
     print_demo(run_demo(seed))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _rule_options(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"--rule-option {item!r}: write key=value, e.g. --rule-option rank=16")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+@app.command()
+def run(
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML file of run options; command-line options override it."
+    ),
+    task: str | None = typer.Option(
+        None,
+        help=f"GLUE task (sst2, cola, mrpc, rte, stsb, qnli [eval only], mnli, qqp) or superni. [default: {_D.task}]",
+    ),
+    rule: str | None = typer.Option(
+        None, help=f"Aggregation rule (see README), or the references centralized / local. [default: {_D.rule}]"
+    ),
+    rule_option: list[str] = typer.Option(
+        [], "--rule-option", help="Rule option key=value, repeatable (e.g. rank=16, readout_gauge=a-normal)."
+    ),
+    backbone: str | None = typer.Option(
+        None, help=f"minilm, mpnet, a Hugging Face model folder or a hub id. [default: {_D.backbone}]"
+    ),
+    clients: int | None = typer.Option(None, help=f"Number of clients. [default: {_D.clients}]"),
+    alpha: float | None = typer.Option(
+        None, help=f"Dirichlet label-skew concentration (> 0; smaller is more skewed). [default: {_D.alpha}]"
+    ),
+    iid: bool = typer.Option(False, "--iid", help="IID partition instead of Dirichlet label skew."),
+    ranks: str | None = typer.Option(
+        None,
+        help=f"Client LoRA ranks: one rank, a list assigned in turn, or {'/'.join(RANK_DISTRIBUTIONS)}. "
+        f"[default: {_D.ranks}]",
+    ),
+    rounds: int | None = typer.Option(None, help=f"Server rounds. [default: {_D.rounds}]"),
+    fraction: float | None = typer.Option(
+        None, help=f"Fraction of clients sampled per round. [default: {_D.fraction}]"
+    ),
+    local_steps: int | None = typer.Option(None, help=f"Local optimiser steps per round. [default: {_D.local_steps}]"),
+    local_epochs: float | None = typer.Option(None, help="Local epochs per round (replaces --local-steps)."),
+    batch_size: int | None = typer.Option(None, help=f"Local batch size. [default: {_D.batch_size}]"),
+    lr: float | None = typer.Option(None, help=f"AdamW learning rate of the LoRA factors. [default: {_D.lr}]"),
+    head_lr: float | None = typer.Option(None, help="Learning rate of the classification head. [default: --lr]"),
+    max_length: int | None = typer.Option(
+        None, help=f"Max tokens per example (dynamic padding). [default: {_D.max_length}]"
+    ),
+    eval_every: int | None = typer.Option(
+        None, help=f"Evaluate every E rounds (and at the end). [default: {_D.eval_every}]"
+    ),
+    max_train_examples: int | None = typer.Option(
+        None, help="Cap on the pooled training set (seeded sample). [default: all]"
+    ),
+    max_eval_examples: int | None = typer.Option(None, help="Cap on the evaluation split. [default: all]"),
+    weighting: str | None = typer.Option(None, help=f"Client weights: examples or uniform. [default: {_D.weighting}]"),
+    random_gauge: bool = typer.Option(
+        False, "--random-gauge", help="Control: clients re-gauge their factors randomly before upload."
+    ),
+    rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scale lora_alpha / sqrt(r)."),
+    target_modules: str | None = typer.Option(
+        None, help=f"Comma-separated module names to adapt. [default: {','.join(_D.target_modules)}]"
+    ),
+    seed: int | None = typer.Option(
+        None, help=f"Seed of everything (partition, init, sampling, batches). [default: {_D.seed}]"
+    ),
+    threads: int | None = typer.Option(None, help=f"torch CPU threads. [default: {_D.threads}]"),
+    data_dir: str | None = typer.Option(
+        None, envvar="GLORA_DATA_DIR", help="Data directory. [default: ../shared/data]"
+    ),
+    hub: bool = typer.Option(
+        False, "--hub", help="Load the data from the Hugging Face hub (online) instead of --data-dir."
+    ),
+    out: Path | None = typer.Option(None, help="Run folder. [default: runs/<task>-<rule>-<config hash>]"),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run in --out from its last checkpoint."
+    ),
+    progress: bool = typer.Option(True, help="Progress bars."),
+) -> None:
+    """Federated LoRA fine-tuning: a task, a rule and a federation in; a trained global adapter,
+    per-round metrics and a summary table out."""
+    from rich.console import Console
+
+    from glora.experiments.tables import print_summary
+    from glora.federation.simulation import run_federation
+
+    given = {
+        "task": task,
+        "rule": rule,
+        "backbone": backbone,
+        "clients": clients,
+        "alpha": alpha,
+        "ranks": ranks,
+        "rounds": rounds,
+        "fraction": fraction,
+        "local_steps": local_steps,
+        "local_epochs": local_epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "head_lr": head_lr,
+        "max_length": max_length,
+        "eval_every": eval_every,
+        "max_train_examples": max_train_examples,
+        "max_eval_examples": max_eval_examples,
+        "weighting": weighting,
+        "seed": seed,
+        "threads": threads,
+        "data_dir": data_dir,
+        "target_modules": tuple(target_modules.split(",")) if target_modules else None,
+    }
+    flags = {"random_gauge": random_gauge, "rslora": rslora}
+    try:
+        cfg = RunConfig.from_toml(config) if config else RunConfig()
+        cfg = cfg.replace(
+            **{k: v for k, v in given.items() if v is not None}, **{k: True for k, v in flags.items() if v}
+        )
+        if iid:
+            cfg = cfg.replace(alpha=None)
+        if hub:
+            cfg = cfg.replace(data_source="hub")
+        if rule_option:
+            cfg = cfg.replace(rule_options={**cfg.rule_options, **_rule_options(rule_option)})
+        folder = out or Path("runs") / f"{cfg.task}-{cfg.rule}-{cfg.identity()}"
+        summary = run_federation(cfg, folder, resume=resume, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    print_summary(summary, folder)
 
 
 if __name__ == "__main__":

@@ -105,9 +105,7 @@ def numerical_rank(sig: Tensor, rtol: float = DEFAULT_RTOL) -> int:
 
 
 def _empty_canonical(d_out: int, d_in: int, dtype: torch.dtype) -> Canonical:
-    return Canonical(
-        torch.zeros(d_out, 0, dtype=dtype), torch.zeros(0, dtype=dtype), torch.zeros(d_in, 0, dtype=dtype)
-    )
+    return Canonical(torch.zeros(d_out, 0, dtype=dtype), torch.zeros(0, dtype=dtype), torch.zeros(d_in, 0, dtype=dtype))
 
 
 def lora_init_A(rank: int, d_in: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -130,5 +128,9 @@ def random_gauge_matrix(rank: int, generator: torch.Generator, cond: float = 4.0
     well conditioned, so applying it changes the factors a lot and the update only by round-off."""
     Q1, _ = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64))
     Q2, _ = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64))
-    s = torch.logspace(-0.5, 0.5, rank, base=cond, dtype=torch.float64) if rank > 1 else torch.ones(1, dtype=torch.float64)
+    s = (
+        torch.logspace(-0.5, 0.5, rank, base=cond, dtype=torch.float64)
+        if rank > 1
+        else torch.ones(1, dtype=torch.float64)
+    )
     return (Q1 * s) @ Q2.T

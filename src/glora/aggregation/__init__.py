@@ -16,6 +16,7 @@ from glora.aggregation.florist import FLoRIST
 from glora.aggregation.glora import GLoRA
 from glora.aggregation.hetlora import HetLoRA
 from glora.aggregation.params import average_params
+from glora.aggregation.reference import Centralized, LocalOnly
 from glora.aggregation.rolora import RoLoRA
 
 RULES: dict[str, type[Rule]] = {
@@ -29,6 +30,8 @@ RULES: dict[str, type[Rule]] = {
     "fedsa-lora": FedSALoRA,
     "rolora": RoLoRA,
     "florist": FLoRIST,
+    "centralized": Centralized,
+    "local": LocalOnly,
 }
 
 

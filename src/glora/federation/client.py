@@ -1,0 +1,60 @@
+"""Client local training: a fresh AdamW each round (as the rules' reference code does),
+a fixed number of steps over the client's shuffled data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+BatchFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
+
+
+def batch_indices(indices: np.ndarray, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """``steps`` batches drawn epoch by epoch from a seeded shuffle of ``indices``."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(indices)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > len(order) and pos > 0:
+            order, pos = rng.permutation(indices), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def local_train(
+    model: nn.Module,
+    lora_params: Sequence[nn.Parameter],
+    head_params: Sequence[nn.Parameter],
+    make_batch: BatchFn,
+    indices: np.ndarray,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    head_lr: float,
+    weight_decay: float,
+    seed: int,
+    on_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Train in place; returns the loss of every step. ``seed`` fixes batches and dropout."""
+    torch.manual_seed(seed)
+    groups = [{"params": list(lora_params), "lr": lr}]
+    if head_params:
+        groups.append({"params": list(head_params), "lr": head_lr})
+    for p in head_params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    for idx in batch_indices(indices, batch_size, steps, seed):
+        out = model(**make_batch(idx))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        if on_step is not None:
+            on_step()
+    model.eval()
+    return losses

@@ -1,0 +1,120 @@
+"""A run's configuration: one dataclass with defaults that learn, read from TOML, checked
+before any training starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Named client-rank distributions: "skewed" is few high-rank clients, many low-rank ones.
+RANK_DISTRIBUTIONS: dict[str, tuple[tuple[int, float], ...]] = {
+    "uniform-2-16": ((2, 0.25), (4, 0.25), (8, 0.25), (16, 0.25)),
+    "skewed": ((2, 0.4), (4, 0.3), (8, 0.2), (16, 0.1)),
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Its identity is the hash of these values."""
+
+    task: str = "sst2"
+    rule: str = "glora"
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "minilm"
+    clients: int = 10
+    alpha: float | None = 0.5  # Dirichlet concentration; None = IID
+    min_client_examples: int = 20
+    ranks: str = "2,4,8,16"  # one rank, a list assigned in turn, or a name in RANK_DISTRIBUTIONS
+    lora_alpha_per_rank: float = 2.0
+    rslora: bool = False
+    target_modules: tuple[str, ...] = ("query", "value")
+    rounds: int = 20
+    fraction: float = 1.0  # clients sampled per round
+    local_steps: int = 10
+    local_epochs: float | None = None  # if set, replaces local_steps by epochs over the client's data
+    batch_size: int = 32
+    lr: float = 2e-3
+    head_lr: float | None = None  # default: lr
+    weight_decay: float = 0.0
+    max_length: int = 64
+    eval_every: int = 5
+    eval_batch_size: int = 128
+    eval_ranks: bool = True  # also evaluate the model each client rank receives
+    max_train_examples: int | None = None  # cap on the pooled training set (None: all)
+    max_eval_examples: int | None = None
+    weighting: str = "examples"  # or "uniform"
+    random_gauge: bool = False  # control: clients re-gauge their factors before upload
+    seed: int = 0
+    threads: int = 2
+    data_dir: str | None = None
+    data_source: str = "local"  # or "hub"
+
+    # -- derived ------------------------------------------------------------------------------
+    def client_ranks(self) -> list[int]:
+        """The rank of each client (index = client id)."""
+        return parse_ranks(self.ranks, self.clients, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    def identity(self) -> str:
+        """A short hash of the resolved config: a run's name in a sweep."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in ("threads", "data_dir")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
+        d = dict(d)
+        if "target_modules" in d:
+            d["target_modules"] = tuple(d["target_modules"])
+        if "ranks" in d and not isinstance(d["ranks"], str):
+            d["ranks"] = ",".join(str(r) for r in (d["ranks"] if isinstance(d["ranks"], list) else [d["ranks"]]))
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> RunConfig:
+        with Path(path).open("rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_ranks(spec: str, clients: int, seed: int = 0) -> list[int]:
+    """'8' -> every client rank 8; '2,4,8,16' -> assigned in turn; a distribution name ->
+    sampled with the seed. ValueError for zeros, negatives or unknown names."""
+    spec = str(spec).strip()
+    if spec in RANK_DISTRIBUTIONS:
+        import numpy as np
+
+        values, probs = zip(*RANK_DISTRIBUTIONS[spec], strict=True)
+        rng = np.random.default_rng(seed + 7919)
+        # Deterministic counts in proportion, then a seeded shuffle: every rank appears.
+        counts = [max(1, round(p * clients)) for p in probs]
+        while sum(counts) > clients:
+            counts[counts.index(max(counts))] -= 1
+        while sum(counts) < clients:
+            counts[0] += 1
+        ranks = [v for v, c in zip(values, counts, strict=True) for _ in range(c)]
+        return [int(r) for r in rng.permutation(ranks)]
+    try:
+        values = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--ranks {spec!r}: give one rank (8), a list assigned in turn (2,4,8,16), "
+            f"or a distribution name ({', '.join(RANK_DISTRIBUTIONS)})"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--ranks {spec!r}: every rank must be a positive integer")
+    return [values[i % len(values)] for i in range(clients)]

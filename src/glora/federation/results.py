@@ -1,0 +1,127 @@
+"""A run's folder: resolved config, provenance, per-round metrics (JSON lines), checkpoints
+and a summary. Every table is built from these files, so each number traces to a command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import glora
+
+CONFIG, META, METRICS, CHECKPOINT, SUMMARY, ADAPTER = (
+    "config.json",
+    "meta.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "summary.json",
+    "adapter",
+)
+
+
+def git_commit() -> str:
+    """The commit of the package's source tree ('+dirty' if it has uncommitted changes)."""
+    root = Path(glora.__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class RunStore:
+    """The files of one run folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def start(self, config: dict[str, Any], identity: str, command: list[str] | None = None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.path(CONFIG), {"identity": identity, **config})
+        write_json(
+            self.path(META),
+            {
+                "glora_version": glora.__version__,
+                "git_commit": git_commit(),
+                "command": command if command is not None else sys.argv,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+            },
+        )
+
+    def config(self) -> dict[str, Any] | None:
+        p = self.path(CONFIG)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.path(METRICS).open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        p = self.path(METRICS)
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Keep only rounds <= last_round (a crash between metrics and checkpoint repeats a round)."""
+        kept = [r for r in self.metrics() if r["round"] <= last_round]
+        atomic_write(self.path(METRICS), "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".checkpoint.")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path(CHECKPOINT))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        p = self.path(CHECKPOINT)
+        # Our own file: LayerState objects are pickled dataclasses of tensors.
+        return torch.load(p, weights_only=False) if p.exists() else None
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        write_json(self.path(SUMMARY), summary)
+
+    def summary(self) -> dict[str, Any] | None:
+        p = self.path(SUMMARY)
+        return json.loads(p.read_text()) if p.exists() else None

@@ -1,0 +1,110 @@
+"""What the round loop needs from a task: a backbone, the clients' data, batches, and an
+evaluation. GLUE classification lives here; other task families implement the same
+:class:`FederatedTask` protocol."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from glora.data import glue
+from glora.data.metrics import compute_metrics
+from glora.data.partition import dirichlet_partition, iid_partition, label_buckets
+from glora.federation.config import RunConfig
+from glora.models.backbones import load_classifier, resolve_backbone
+from glora.models.lora import LoraSettings
+
+
+class FederatedTask(Protocol):
+    """A task as the round loop sees it."""
+
+    name: str
+    main_metric: str
+    model: nn.Module
+    lora: LoraSettings
+    num_train: int
+
+    def partition(self) -> list[np.ndarray]:
+        """Indices of the training examples each client holds (a partition)."""
+        ...
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """A training batch (model inputs and labels) of the given examples."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of ``model`` on the evaluation split."""
+        ...
+
+    def fresh_model(self) -> nn.Module:
+        """A new instance of the pretrained backbone (with its initial head), for export."""
+        ...
+
+
+class GlueTask:
+    """A GLUE task on an encoder with a classification (or regression) head."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.spec = glue.get_task(cfg.task)
+        if "train" not in self.spec.local_splits and cfg.data_source == "local":
+            trainable = [t for t in glue.task_names() if "train" in glue.get_task(t).local_splits]
+            raise ValueError(
+                f"task {cfg.task!r} has no training split in the offline data ({self.spec.note or 'missing'}); "
+                f"train on one of: {', '.join(trainable)}"
+            )
+        self.name = self.spec.name
+        self.main_metric = self.spec.main_metric
+        self.backbone_path = resolve_backbone(cfg.backbone)
+        train_rows = glue.load_glue(cfg.task, "train", cfg.data_dir, source=cfg.data_source)
+        eval_rows = glue.load_glue(cfg.task, "validation", cfg.data_dir, source=cfg.data_source)
+        if cfg.max_train_examples is not None:
+            keep = np.random.default_rng(cfg.seed).permutation(len(train_rows))[: cfg.max_train_examples]
+            train_rows = [train_rows[i] for i in sorted(keep)]
+        if cfg.max_eval_examples is not None:
+            eval_rows = eval_rows[: cfg.max_eval_examples]
+        if cfg.clients > len(train_rows):
+            raise ValueError(f"--clients {cfg.clients} is more than the {len(train_rows)} training examples")
+        self.model, self.tokenizer = load_classifier(self.backbone_path, self.spec.num_labels, seed=cfg.seed)
+        self.train = glue.tokenize_task(self.spec, train_rows, self.tokenizer, cfg.max_length, split="train")
+        self.eval = glue.tokenize_task(self.spec, eval_rows, self.tokenizer, cfg.max_length, split="validation")
+        self.num_train = len(self.train)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.lora = LoraSettings(
+            target_modules=tuple(cfg.target_modules),
+            alpha_per_rank=cfg.lora_alpha_per_rank,
+            rslora=cfg.rslora,
+            head_modules=("classifier",),
+        )
+
+    def partition(self) -> list[np.ndarray]:
+        cfg = self.cfg
+        if cfg.alpha is None:
+            return iid_partition(self.num_train, cfg.clients, cfg.seed)
+        labels = self.train.labels.numpy()
+        if self.spec.is_regression:
+            labels = label_buckets(labels)
+        return dirichlet_partition(labels, cfg.clients, cfg.alpha, cfg.seed, min_size=cfg.min_client_examples)
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        ids, mask = glue.collate([self.train.input_ids[i] for i in indices], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": self.train.labels[torch.as_tensor(indices)]}
+
+    def fresh_model(self) -> nn.Module:
+        return load_classifier(self.backbone_path, self.spec.num_labels, seed=self.cfg.seed)[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics on the validation split; batches sorted by length so padding stays small."""
+        model.eval()
+        order = np.argsort([len(x) for x in self.eval.input_ids], kind="stable")
+        preds = torch.empty(len(order), dtype=torch.float32 if self.spec.is_regression else torch.long)
+        for start in range(0, len(order), self.cfg.eval_batch_size):
+            idx = order[start : start + self.cfg.eval_batch_size]
+            ids, mask = glue.collate([self.eval.input_ids[i] for i in idx], self.pad_id)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            preds[torch.as_tensor(idx)] = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
+        return compute_metrics(self.name, preds.numpy(), self.eval.labels.numpy())

@@ -1,0 +1,226 @@
+"""LoRA on a backbone with one peft adapter per client rank, and factors in and out by layer name.
+
+Clients of a simulated federation train one after another on one shared base model: a
+client of rank r uses the peft adapter named ``r{r}``. The trainable non-LoRA parameters
+(the classification head) are peft ``modules_to_save`` copies, one per adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+
+from glora.lowrank import LowRank, numerical_rank
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Where LoRA goes and how it is scaled.
+
+    lora_alpha = alpha_per_rank * r, so the PEFT scale alpha / r is the same for every rank
+    (2.0 by default); with ``rslora`` the scale is alpha / sqrt(r).
+    """
+
+    target_modules: tuple[str, ...] = ("query", "value")
+    alpha_per_rank: float = 2.0
+    rslora: bool = False
+    dropout: float = 0.0
+    head_modules: tuple[str, ...] = field(default=("classifier",))
+
+    def alpha(self, rank: int) -> float:
+        return self.alpha_per_rank * rank
+
+    def scale(self, rank: int) -> float:
+        return self.alpha(rank) / (math.sqrt(rank) if self.rslora else rank)
+
+    def config(self, rank: int) -> LoraConfig:
+        return LoraConfig(
+            r=rank,
+            lora_alpha=self.alpha(rank),
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            use_rslora=self.rslora,
+            modules_to_save=list(self.head_modules) or None,
+        )
+
+
+def adapter_name(rank: int) -> str:
+    return f"r{rank}"
+
+
+class AdaptedModel:
+    """A backbone with LoRA adapters of several ranks on the same frozen base weights."""
+
+    def __init__(self, model: nn.Module, settings: LoraSettings, ranks: Sequence[int]) -> None:
+        if not ranks:
+            raise ValueError("AdaptedModel needs at least one rank")
+        for r in ranks:
+            if r < 1:
+                raise ValueError(f"LoRA ranks must be >= 1, got {list(ranks)}")
+        self.settings = settings
+        ranks = sorted(set(ranks))
+        try:
+            self.peft: PeftModel = get_peft_model(model, settings.config(ranks[0]), adapter_name=adapter_name(ranks[0]))
+        except ValueError as e:
+            raise ValueError(f"LoRA target modules {settings.target_modules} not found in the backbone: {e}") from e
+        for r in ranks[1:]:
+            self.peft.add_adapter(adapter_name(r), settings.config(r))
+        self.ranks = ranks
+        self.layers: dict[str, LoraLayer] = {
+            _short(name): m for name, m in self.peft.named_modules() if isinstance(m, LoraLayer)
+        }
+        self._original = {n: m.base_layer.weight.detach().clone() for n, m in self.layers.items()}
+
+    # -- factors -----------------------------------------------------------------------------
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: tuple(m.base_layer.weight.shape) for n, m in self.layers.items()}
+
+    def get_factors(self, rank: int) -> dict[str, LowRank]:
+        """The adapter of this rank as LowRank per layer (copies)."""
+        a = adapter_name(rank)
+        return {
+            n: LowRank(m.lora_B[a].weight.detach().clone(), m.lora_A[a].weight.detach().clone(), float(m.scaling[a]))
+            for n, m in self.layers.items()
+        }
+
+    def set_factors(self, rank: int, factors: Mapping[str, LowRank]) -> None:
+        """Write factors into the adapter of this rank; their scale must be the adapter's."""
+        a = adapter_name(rank)
+        for n, m in self.layers.items():
+            f = factors[n]
+            if f.rank != rank:
+                raise ValueError(f"layer {n}: factors of rank {f.rank} do not fit the rank-{rank} adapter")
+            if not math.isclose(f.scale, float(m.scaling[a]), rel_tol=1e-6):
+                raise ValueError(f"layer {n}: factor scale {f.scale} differs from the adapter's {m.scaling[a]}")
+            with torch.no_grad():
+                m.lora_B[a].weight.copy_(f.B)
+                m.lora_A[a].weight.copy_(f.A)
+
+    # -- head ----------------------------------------------------------------------------------
+    def _head_modules(self, rank: int) -> dict[str, nn.Module]:
+        out = {}
+        for name, m in self.peft.named_modules():
+            if type(m).__name__ == "ModulesToSaveWrapper":
+                out[_short(name)] = m.modules_to_save[adapter_name(rank)]
+        return out
+
+    def get_head(self, rank: int) -> dict[str, Tensor]:
+        return {
+            f"{mn}.{pn}": p.detach().clone()
+            for mn, mod in self._head_modules(rank).items()
+            for pn, p in mod.named_parameters()
+        }
+
+    def set_head(self, rank: int, head: Mapping[str, Tensor]) -> None:
+        for mn, mod in self._head_modules(rank).items():
+            with torch.no_grad():
+                for pn, p in mod.named_parameters():
+                    p.copy_(head[f"{mn}.{pn}"])
+
+    # -- training and evaluation ---------------------------------------------------------------
+    def activate(self, rank: int, train: frozenset[str] = frozenset({"A", "B"})) -> list[nn.Parameter]:
+        """Make the rank-r adapter active; return the LoRA parameters to train (B and/or A)."""
+        a = adapter_name(rank)
+        self.peft.set_adapter(a)
+        params = []
+        for m in self.layers.values():
+            for factor, holder in (("A", m.lora_A[a]), ("B", m.lora_B[a])):
+                holder.weight.requires_grad_(factor in train)
+                if factor in train:
+                    params.append(holder.weight)
+        return params
+
+    def head_parameters(self, rank: int) -> list[nn.Parameter]:
+        return [p for mod in self._head_modules(rank).values() for p in mod.parameters()]
+
+    def add_to_base(self, merges: Mapping[str, LowRank | Tensor]) -> None:
+        """Merge updates into the frozen base weights, for good (FLoRA, FedEx-LoRA, restarts)."""
+        with torch.no_grad():
+            for n, d in merges.items():
+                w = self.layers[n].base_layer.weight
+                w.add_((d.delta() if isinstance(d, LowRank) else d).to(w.dtype))
+
+    def base_offsets(self) -> dict[str, Tensor]:
+        """What has been merged into each base weight so far (for checkpoints)."""
+        return {n: m.base_layer.weight.detach() - self._original[n] for n, m in self.layers.items()}
+
+    def set_base_offsets(self, offsets: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            for n, m in self.layers.items():
+                m.base_layer.weight.copy_(self._original[n] + offsets[n])
+
+    @contextmanager
+    def dense_update(
+        self, deltas: Mapping[str, Tensor], head_rank: int, head: Mapping[str, Tensor]
+    ) -> Iterator[nn.Module]:
+        """The model with ``deltas`` added to its base weights, adapters off, and ``head``.
+
+        This is how the global model (base + the state's full update) is evaluated whatever
+        the rank of that update; the base weights are restored exactly afterwards.
+        """
+        saved = {n: self.layers[n].base_layer.weight.detach().clone() for n in deltas}
+        self.set_head(head_rank, head)
+        self.peft.set_adapter(adapter_name(head_rank))
+        try:
+            with torch.no_grad():
+                for n, d in deltas.items():
+                    w = self.layers[n].base_layer.weight
+                    w.add_(d.to(w.dtype))
+            # Only the LoRA layers are switched off: peft's disable_adapter() would also
+            # bypass the head copies (modules_to_save) and evaluate the untrained head.
+            for m in self.layers.values():
+                m.enable_adapters(False)
+            yield self.peft
+        finally:
+            for m in self.layers.values():
+                m.enable_adapters(True)
+            with torch.no_grad():
+                for n, w in saved.items():
+                    self.layers[n].base_layer.weight.copy_(w)
+
+
+def _short(name: str) -> str:
+    """Layer name without peft's wrapper prefix: 'bert.encoder.layer.0.attention.self.query'."""
+    return name.removeprefix("base_model.model.")
+
+
+def export_adapter(
+    folder: Path,
+    model: nn.Module,
+    updates: Mapping[str, Tensor],
+    head: Mapping[str, Tensor],
+    settings: LoraSettings,
+) -> int:
+    """Save a total update per layer (dense, relative to the pretrained weights of the fresh
+    ``model``) and the head as one peft adapter folder that ``PeftModel.from_pretrained``
+    loads. Its rank is the largest numerical rank of the updates, so the adapter reproduces
+    them up to float32 round-off. Returns that rank."""
+    svds = {n: torch.linalg.svd(d.double(), full_matrices=False) for n, d in updates.items()}
+    rank = max(1, max(numerical_rank(S, 1e-7) for _, S, _ in svds.values()))
+    adapted = AdaptedModel(model, settings, [rank])
+    scale = settings.scale(rank)
+    factors = {}
+    for n, (U, S, Vh) in svds.items():
+        root = torch.sqrt(S[:rank] / scale)
+        factors[n] = LowRank((U[:, :rank] * root).float(), (root[:, None] * Vh[:rank]).float(), scale)
+    adapted.set_factors(rank, factors)
+    adapted.set_head(rank, head)
+    Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent, ignore_cleanup_errors=True) as tmp:
+        adapted.peft.save_pretrained(tmp, selected_adapters=[adapter_name(rank)])
+        # peft writes a non-default adapter into a subfolder named after it.
+        saved = Path(tmp) / adapter_name(rank)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(saved if saved.is_dir() else Path(tmp), folder)
+    return rank
