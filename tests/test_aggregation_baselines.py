@@ -281,8 +281,9 @@ def round_zero_updates(rule, ranks):
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_round_zero_gives_a_readout_that_can_train(name):
     rule = get_rule(name)
-    ranks = [4, 4, 4] if not rule.accepts_unequal_ranks else [2, 4, 8]
-    state = rule.aggregate(round_zero_updates(rule, ranks), [1.0, 2.0, 3.0])
+    # A pooled rule (the centralized reference) sees one client holding everyone's data.
+    ranks = [8] if rule.pooled else [4, 4, 4] if not rule.accepts_unequal_ranks else [2, 4, 8]
+    state = rule.aggregate(round_zero_updates(rule, ranks), [1.0, 2.0, 3.0][: len(ranks)])
     assert torch.count_nonzero(state.delta()) == 0
     merged = state.merged_delta()
     assert merged is None or torch.count_nonzero(merged) == 0

@@ -107,8 +107,9 @@ DEFAULT_NOTES = {
 
 def variants(ranks: tuple[int, ...]) -> list[tuple[str, str, dict, str]]:
     """(label, rule, options, note): every registered rule with its defaults, plus the options
-    of GLoRA and FLoRIST that make them exact (server rank covering every client's update)."""
-    out = [(name, name, {}, DEFAULT_NOTES.get(name, "")) for name in sorted(RULES)]
+    of GLoRA and FLoRIST that make them exact (server rank covering every client's update).
+    Pooled rules (the centralized reference) are left out: they aggregate one client."""
+    out = [(name, name, {}, DEFAULT_NOTES.get(name, "")) for name in sorted(RULES) if not RULES[name].pooled]
     out.append(("glora, rank = sum r_i", "glora", {"rank": sum(ranks)}, ""))
     out.append(("florist, threshold = 1", "florist", {"threshold": 1.0}, ""))
     return out
