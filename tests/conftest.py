@@ -7,6 +7,9 @@ import torch
 
 from glora import LowRank
 
+# The suite's matrices are small: one thread avoids oversubscription on a 2-core machine.
+torch.set_num_threads(1)
+
 
 def make_updates(
     ranks, d_out=37, d_in=23, scale=2.0, seed=0, dtype=torch.float64, shared_A=False

@@ -20,8 +20,7 @@ class Centralized(FedIT):
     """One client holding everyone's data: its update is aggregated exactly (K = 1)."""
 
     name = "centralized"
-    accepts_unequal_ranks = True  # pooled into one client of the largest rank
-    pooled = True
+    pooled = True  # the loop pools every client into one of the largest rank, so any ranks run
 
 
 class LocalOnly(GLoRA):

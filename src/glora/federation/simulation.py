@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from glora.aggregation import LayerState, Rule, average_params, get_rule
+from glora.aggregation.base import FACTORS
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
 from glora.federation.results import ADAPTER, RunStore
@@ -72,8 +73,14 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"--weighting must be 'examples' or 'uniform', got {cfg.weighting!r}")
+    if cfg.random_gauge and any(rule.client_plan(t).train != FACTORS for t in (1, 2)):
+        raise ValueError(
+            f"--random-gauge re-gauges both factors, but rule {cfg.rule!r} keeps one factor frozen and shared "
+            "across clients; run the gauge control with rules that train B and A (e.g. glora, fedit, flora, "
+            "flexlora, hetlora)"
+        )
     ranks = cfg.client_ranks()
-    if not rule.accepts_unequal_ranks and len(set(ranks)) > 1:
+    if not rule.accepts_unequal_ranks and not rule.pooled and len(set(ranks)) > 1:
         raise ValueError(
             f"rule {cfg.rule!r} needs equal client ranks but --ranks {cfg.ranks!r} gives {sorted(set(ranks))}; "
             "use one rank (e.g. --ranks 8) or a rule that accepts different ranks (glora, flora, flexlora, "

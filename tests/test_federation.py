@@ -1,0 +1,180 @@
+"""The federated fine-tuning loop on the real MiniLM backbone and real SST-2 examples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from glora.federation import simulation
+from glora.federation.config import RunConfig, parse_ranks
+from glora.federation.simulation import Federation, check_config
+
+SMALL = RunConfig(
+    task="sst2",
+    rule="glora",
+    clients=3,
+    alpha=0.5,
+    min_client_examples=10,
+    ranks="2,4,8",
+    rounds=2,
+    local_steps=6,
+    batch_size=16,
+    lr=2e-3,
+    eval_every=1,
+    max_train_examples=300,
+    max_eval_examples=96,
+    threads=1,
+)
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(ValueError, match="--alpha must be > 0"):
+        check_config(SMALL.replace(alpha=0.0))
+    with pytest.raises(ValueError, match="every rank must be a positive integer"):
+        check_config(SMALL.replace(ranks="4,0,8"))
+    with pytest.raises(ValueError, match="every rank must be a positive integer"):
+        check_config(SMALL.replace(ranks="-2"))
+    with pytest.raises(ValueError, match=r"rule 'fedit' needs equal client ranks .* gives \[2, 4, 8\]"):
+        check_config(SMALL.replace(rule="fedit"))
+    with pytest.raises(ValueError, match="unknown rule 'fedavg'; available rules"):
+        check_config(SMALL.replace(rule="fedavg"))
+    with pytest.raises(ValueError, match="--fraction must be in"):
+        check_config(SMALL.replace(fraction=0.0))
+
+
+def test_rank_specs():
+    assert parse_ranks("8", 3) == [8, 8, 8]
+    assert parse_ranks("2,4,8,16", 6) == [2, 4, 8, 16, 2, 4]
+    skewed = parse_ranks("skewed", 10, seed=1)
+    assert sorted(skewed) == [2, 2, 2, 2, 4, 4, 4, 8, 8, 16]
+    assert parse_ranks("skewed", 10, seed=1) == skewed
+
+
+def test_task_errors_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone 'nonsense'"):
+        Federation(SMALL.replace(backbone="nonsense"), tmp_path / "a").run()
+    with pytest.raises(ValueError, match=r"unknown GLUE task|unknown task"):
+        Federation(SMALL.replace(task="sst3"), tmp_path / "b").run()
+    with pytest.raises((ValueError, FileNotFoundError), match=r"train\.jsonl\.gz"):
+        Federation(SMALL.replace(data_dir=str(tmp_path / "nowhere")), tmp_path / "c").run()
+    with pytest.raises(ValueError, match="more than the 300 training examples"):
+        Federation(SMALL.replace(clients=301, min_client_examples=1), tmp_path / "d").run()
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_glora_unequal_ranks_and_peft_export(tmp_path):
+    from peft import PeftModel
+
+    from glora.data import glue
+
+    fed = Federation(SMALL, tmp_path / "run", progress=False)
+    summary = fed.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]  # the loss falls
+    for r in rows:
+        assert 0.0 <= r["eval"]["accuracy"] <= 1.0
+        assert set(r["eval_by_rank"]) == {"2", "4", "8"}
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert summary["final"] == rows[-1]["eval"]
+    for name in ("config.json", "meta.json", "summary.json", "checkpoint.pt"):
+        assert (tmp_path / "run" / name).exists()
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["git_commit"] and meta["glora_version"]
+
+    # The exported adapter reloads in peft and reproduces the global model's predictions.
+    st = fed.store.load_checkpoint()["state"]
+    batch_ids = fed.task.eval.input_ids[:64]
+    ids, mask = glue.collate(batch_ids, fed.task.pad_id)
+    with fed.model.dense_update({n: s.delta() for n, s in st.layers.items()}, fed.ranks[0], st.head) as m:
+        expected = m(input_ids=ids, attention_mask=mask).logits
+    base = fed.task.fresh_model()
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_clients_receive_exactly_the_readout_and_factors_round_trip(tmp_path, monkeypatch):
+    received = []
+    original = simulation.local_train
+
+    def spy(model, *args, **kwargs):
+        fed = spy.fed
+        r = next(r for r in fed.model.ranks if fed.model.peft.active_adapter == f"r{r}")
+        received.append((r, fed.model.get_factors(r)))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(simulation, "local_train", spy)
+    cfg = SMALL.replace(rounds=2, local_steps=2, eval_every=2)
+    fed = Federation(cfg, tmp_path / "run", progress=False)
+    spy.fed = fed
+    states = []
+    original_round = fed._round
+
+    def record_round(st, t, bar):
+        out = original_round(st, t, bar)
+        states.append(dict(st.layers))
+        return out
+
+    fed._round = record_round
+    fed.run()
+    after_round_1 = states[0]
+    round_2 = received[len(received) // 2 :]
+    assert {r for r, _ in round_2} == {2, 4, 8}
+    for r, factors in round_2:
+        scale = fed.model.settings.scale(r)
+        for name, f in factors.items():
+            expected = after_round_1[name].readout(r, scale)
+            assert torch.equal(f.B, expected.B.to(f.B.dtype)) and torch.equal(f.A, expected.A.to(f.A.dtype))
+    # Written into the model and read back: identical.
+    r, factors = round_2[0]
+    fed.model.set_factors(r, factors)
+    back = fed.model.get_factors(r)
+    assert all(torch.equal(back[n].B, f.B) and torch.equal(back[n].A, f.A) for n, f in factors.items())
+
+
+@pytest.mark.slow
+def test_resume_reaches_the_same_metrics(tmp_path, monkeypatch):
+    cfg = SMALL.replace(local_steps=3, rule="flora")  # flora also exercises base-weight merges
+    straight = Federation(cfg, tmp_path / "straight", progress=False).run()
+
+    calls = {"n": 0}
+    original = Federation._round
+
+    def crash_in_round_2(self, st, t, bar):
+        if t == 2 and calls["n"] == 0:
+            calls["n"] += 1
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, st, t, bar)
+
+    monkeypatch.setattr(Federation, "_round", crash_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        Federation(cfg, tmp_path / "resumed", progress=False).run()
+    kept = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(kept) == 1  # round 1's metrics and checkpoint survive the crash
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        Federation(cfg, tmp_path / "resumed", progress=False).run()
+    resumed = Federation(cfg, tmp_path / "resumed", progress=False).run(resume=True)
+    assert resumed["final"] == straight["final"]
+    assert resumed["final_by_rank"] == straight["final_by_rank"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["centralized", "local"])
+def test_reference_rules_run(tmp_path, rule):
+    cfg = SMALL.replace(rule=rule, rounds=1, local_steps=2)
+    summary = Federation(cfg, tmp_path / rule, progress=False).run()
+    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+    if rule == "local":
+        assert summary["final_personal"] is not None
+        rows = (tmp_path / rule / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(rows[0])["bytes_up"] == 0  # nothing leaves a client
+    else:
+        assert np.isclose(summary["final"]["accuracy"], summary["final_global"]["accuracy"])
