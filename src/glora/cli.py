@@ -92,6 +92,9 @@ def run(
         None, help="Cap on the pooled training set (seeded sample). [default: all]"
     ),
     max_eval_examples: int | None = typer.Option(None, help="Cap on the evaluation split. [default: all]"),
+    eval_split: str | None = typer.Option(
+        None, help=f"validation, or heldout: a fixed slice of the training data, for tuning. [default: {_D.eval_split}]"
+    ),
     weighting: str | None = typer.Option(None, help=f"Client weights: examples or uniform. [default: {_D.weighting}]"),
     random_gauge: bool = typer.Option(
         False, "--random-gauge", help="Control: clients re-gauge their factors randomly before upload."
@@ -142,6 +145,7 @@ def run(
         "max_train_examples": max_train_examples,
         "max_eval_examples": max_eval_examples,
         "weighting": weighting,
+        "eval_split": eval_split,
         "seed": seed,
         "threads": threads,
         "data_dir": data_dir,

@@ -47,6 +47,10 @@ class RunConfig:
     eval_ranks: bool = True  # also evaluate the model each client rank receives
     max_train_examples: int | None = None  # cap on the pooled training set (None: all)
     max_eval_examples: int | None = None
+    # "validation" (the GLUE evaluation split) or "heldout": a seeded slice of the training
+    # data (heldout_examples) kept out of every client, for tuning without touching validation.
+    eval_split: str = "validation"
+    heldout_examples: int = 1000
     weighting: str = "examples"  # or "uniform"
     random_gauge: bool = False  # control: clients re-gauge their factors before upload
     seed: int = 0

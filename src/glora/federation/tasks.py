@@ -61,6 +61,14 @@ class GlueTask:
         self.backbone_path = resolve_backbone(cfg.backbone)
         train_rows = glue.load_glue(cfg.task, "train", cfg.data_dir, source=cfg.data_source)
         eval_rows = glue.load_glue(cfg.task, "validation", cfg.data_dir, source=cfg.data_source)
+        if cfg.eval_split == "heldout":
+            # A fixed slice (seed 0 whatever the run's seed), so every run tunes on the same data.
+            order = np.random.default_rng(0).permutation(len(train_rows))
+            held = set(order[: cfg.heldout_examples].tolist())
+            eval_rows = [train_rows[i] for i in sorted(held)]
+            train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+        elif cfg.eval_split != "validation":
+            raise ValueError(f"--eval-split must be 'validation' or 'heldout', got {cfg.eval_split!r}")
         if cfg.max_train_examples is not None:
             keep = np.random.default_rng(cfg.seed).permutation(len(train_rows))[: cfg.max_train_examples]
             train_rows = [train_rows[i] for i in sorted(keep)]
