@@ -178,3 +178,17 @@ def test_reference_rules_run(tmp_path, rule):
         assert json.loads(rows[0])["bytes_up"] == 0  # nothing leaves a client
     else:
         assert np.isclose(summary["final"]["accuracy"], summary["final_global"]["accuracy"])
+
+
+def test_sentence_pairs_get_the_tokenizers_segment_ids():
+    from glora.federation.tasks import GlueTask
+
+    task = GlueTask(SMALL.replace(task="mrpc", max_train_examples=40, max_eval_examples=10, alpha=None))
+    assert task.segments
+    pairs = [("The cat sat.", "A cat was sitting on the mat."), ("Short.", "Also short here, longer.")]
+    encoded = [task.tokenizer(a, b) for a, b in pairs]
+    got = task.inputs([e["input_ids"] for e in encoded])
+    for row, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        assert got["token_type_ids"][row, :n].tolist() == e["token_type_ids"]
+        assert got["token_type_ids"][row, n:].sum() == 0

@@ -81,6 +81,11 @@ class GlueTask:
         self.eval = glue.tokenize_task(self.spec, eval_rows, self.tokenizer, cfg.max_length, split="validation")
         self.num_train = len(self.train)
         self.pad_id = int(self.tokenizer.pad_token_id)
+        self.segments = (
+            self.spec.is_pair
+            and "token_type_ids" in self.tokenizer.model_input_names
+            and getattr(self.model.config, "type_vocab_size", 1) > 1
+        )
         self.lora = LoraSettings(
             target_modules=tuple(cfg.target_modules),
             alpha_per_rank=cfg.lora_alpha_per_rank,
@@ -97,9 +102,21 @@ class GlueTask:
             labels = label_buckets(labels)
         return dirichlet_partition(labels, cfg.clients, cfg.alpha, cfg.seed, min_size=cfg.min_client_examples)
 
+    def inputs(self, input_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch: padded ids, mask and, for sentence pairs on a backbone
+        with segment embeddings (BERT), the segment ids the tokenizer would have given."""
+        ids, mask = glue.collate(input_ids, self.pad_id)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.segments:
+            is_sep = (ids == self.tokenizer.sep_token_id).long()
+            before = torch.cumsum(is_sep, dim=1) - is_sep  # separators strictly before each position
+            out["token_type_ids"] = (before > 0).long() * mask
+        return out
+
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        ids, mask = glue.collate([self.train.input_ids[i] for i in indices], self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": self.train.labels[torch.as_tensor(indices)]}
+        out = self.inputs([self.train.input_ids[i] for i in indices])
+        out["labels"] = self.train.labels[torch.as_tensor(indices)]
+        return out
 
     def fresh_model(self) -> nn.Module:
         return load_classifier(self.backbone_path, self.spec.num_labels, seed=self.cfg.seed)[0]
@@ -112,7 +129,6 @@ class GlueTask:
         preds = torch.empty(len(order), dtype=torch.float32 if self.spec.is_regression else torch.long)
         for start in range(0, len(order), self.cfg.eval_batch_size):
             idx = order[start : start + self.cfg.eval_batch_size]
-            ids, mask = glue.collate([self.eval.input_ids[i] for i in idx], self.pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(**self.inputs([self.eval.input_ids[i] for i in idx])).logits
             preds[torch.as_tensor(idx)] = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
         return compute_metrics(self.name, preds.numpy(), self.eval.labels.numpy())

@@ -99,6 +99,7 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     path = resolve_backbone(name)
     torch.manual_seed(seed)
     problem = "regression" if num_labels == 1 else "single_label_classification"

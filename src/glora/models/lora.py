@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,7 +72,12 @@ class AdaptedModel:
         self.settings = settings
         ranks = sorted(set(ranks))
         try:
-            self.peft: PeftModel = get_peft_model(model, settings.config(ranks[0]), adapter_name=adapter_name(ranks[0]))
+            with warnings.catch_warnings():
+                # peft asks transformers a deprecated question; nothing for a user to act on.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                self.peft: PeftModel = get_peft_model(
+                    model, settings.config(ranks[0]), adapter_name=adapter_name(ranks[0])
+                )
         except ValueError as e:
             raise ValueError(f"LoRA target modules {settings.target_modules} not found in the backbone: {e}") from e
         for r in ranks[1:]:
