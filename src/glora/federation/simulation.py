@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from glora.aggregation import LayerState, Rule, average_params, get_rule
+from glora.aggregation import ClientPlan, LayerState, Rule, average_params, get_rule
 from glora.aggregation.base import FACTORS
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
@@ -103,6 +103,158 @@ def initial_adapters(model: AdaptedModel, ranks: list[int], seed: int) -> dict[i
     return out
 
 
+def client_layout(cfg: RunConfig, task: FederatedTask, rule: Rule) -> tuple[list[np.ndarray], list[int]]:
+    """Each client's training examples and rank. A pooled rule (the centralized reference)
+    gets one client with everyone's data at the largest rank."""
+    parts = task.partition()
+    ranks = cfg.client_ranks()
+    if rule.pooled:
+        return [np.sort(np.concatenate(parts))], [max(ranks)]
+    return parts, ranks
+
+
+def sample_clients(cfg: RunConfig, n_clients: int, server_round: int) -> list[int]:
+    """The clients of a round: all of them, or a seeded fraction (sorted client indices)."""
+    k = max(1, round(cfg.fraction * n_clients))
+    if k >= n_clients:
+        return list(range(n_clients))
+    rng = np.random.default_rng([cfg.seed, server_round, 17])
+    return sorted(int(i) for i in rng.choice(n_clients, size=k, replace=False))
+
+
+def client_steps(cfg: RunConfig, rule: Rule, n_examples: int) -> int:
+    """Local optimiser steps of a client holding ``n_examples``. The pooled client takes the
+    steps of every client sampled in a round, so the step budget equals the federation's."""
+    if cfg.local_epochs is not None:
+        return max(1, int(np.ceil(cfg.local_epochs * n_examples / cfg.batch_size)))
+    per_round = max(1, round(cfg.fraction * cfg.clients)) if rule.pooled else 1
+    return cfg.local_steps * per_round
+
+
+def readout(st: ServerState, init: Mapping[int, Mapping[str, LowRank]], rank: int, scale: float) -> dict[str, LowRank]:
+    """The adapter a client of this rank starts the round from: the state's readout, or the
+    initial adapter before the first aggregation."""
+    if st.layers:
+        return {n: s.readout(rank, scale) for n, s in st.layers.items()}
+    return dict(init[rank])
+
+
+@dataclass
+class ClientUpdate:
+    """A client's answer to one round.
+
+    factors: what the server aggregates, per layer (re-gauged under ``random_gauge``);
+    head: the trained head; loss: mean training loss over the steps;
+    own: what the client keeps for its next round (rules with personal factors or an
+    unshared head), else None.
+    """
+
+    factors: dict[str, LowRank]
+    head: dict[str, torch.Tensor]
+    loss: float
+    own: dict[str, Any] | None = None
+
+
+def train_client(
+    model: AdaptedModel,
+    task: FederatedTask,
+    cfg: RunConfig,
+    rule: Rule,
+    server_round: int,
+    client: int,
+    indices: np.ndarray,
+    factors: Mapping[str, LowRank],
+    head: Mapping[str, torch.Tensor],
+    own: Mapping[str, Any] | None = None,
+    on_step: Any = None,
+) -> ClientUpdate:
+    """One client's round, wherever it runs (this process or a Flower ClientApp): start from
+    the server's readout ``factors`` and ``head`` (or the client's ``own`` where the rule keeps
+    them personal), train locally with the run's seed formula, and return the update."""
+    plan = rule.client_plan(server_round)
+    r = next(iter(factors.values())).rank
+    if own is not None:
+        factors = {n: _keep_personal(f, own["factors"][n], plan.personal) for n, f in factors.items()}
+        if not plan.share_head:
+            head = own["head"]
+    model.set_factors(r, factors)
+    model.set_head(r, head)
+    params = model.activate(r, plan.train)
+    loss = local_train(
+        model.peft,
+        params,
+        model.head_parameters(r),
+        task.batch,
+        indices,
+        client_steps(cfg, rule, len(indices)),
+        cfg.batch_size,
+        cfg.lr,
+        cfg.head_lr or cfg.lr,
+        cfg.weight_decay,
+        seed=cfg.seed * 1_000_003 + server_round * 1009 + client,
+        on_step=on_step,
+    )
+    trained = model.get_factors(r)
+    new_head = model.get_head(r)
+    kept = {"factors": trained, "head": new_head, "rank": r} if plan.personal or not plan.share_head else None
+    if cfg.random_gauge:
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + server_round * 31 + client)
+        G = random_gauge_matrix(r, g).float()
+        trained = {n: f.gauge(G) for n, f in trained.items()}
+    return ClientUpdate(trained, new_head, float(np.mean(loss)), kept)
+
+
+def download_bytes(
+    factors: Mapping[str, LowRank], merges: Mapping[str, Any], head: Mapping[str, torch.Tensor], plan: ClientPlan
+) -> int:
+    """What the server sends a client: the shared factors, the merges, the head if shared."""
+    out = sum(_nbytes(f, FACTORS - plan.personal) for f in factors.values())
+    out += sum(_nbytes(m) for m in merges.values())
+    return out + (_head_bytes(head) if plan.share_head else 0)
+
+
+def upload_bytes(update: ClientUpdate, plan: ClientPlan) -> int:
+    """What a client sends the server under the rule's plan."""
+    out = sum(_nbytes(f, plan.send) for f in update.factors.values())
+    return out + (_head_bytes(update.head) if plan.share_head else 0)
+
+
+def aggregate_round(
+    rule: Rule,
+    st: ServerState,
+    server_round: int,
+    clients: list[int],
+    updates: list[ClientUpdate],
+    weights: list[float],
+    bytes_down: int,
+) -> dict[str, Any]:
+    """The server half of a round: keep each client's own part, aggregate every layer with
+    the rule, average the head where the rule shares it; returns the round's metrics row."""
+    plan = rule.client_plan(server_round)
+    by_layer: dict[str, list[LowRank]] = {}
+    for i, u in zip(clients, updates, strict=True):
+        if u.own is not None:
+            st.personal[i] = u.own
+        for n, f in u.factors.items():
+            by_layer.setdefault(n, []).append(f)
+    t0 = time.perf_counter()
+    st.layers = rule.aggregate_layers(by_layer, weights, previous=st.layers)
+    if plan.share_head:
+        st.head = average_params([u.head for u in updates], weights)
+    server_seconds = time.perf_counter() - t0
+    bytes_up = sum(upload_bytes(u, plan) for u in updates)
+    return {
+        "round": server_round,
+        "clients": clients,
+        "train_loss": float(np.average([u.loss for u in updates], weights=weights)),
+        "server_seconds": server_seconds,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "bytes_up_per_client": bytes_up / len(clients),
+        "bytes_down_per_client": bytes_down / len(clients),
+    }
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -134,102 +286,45 @@ class Federation:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
         self.task = build_task(cfg)
-        parts = self.task.partition()
-        ranks = cfg.client_ranks()
-        if self.rule.pooled:
-            # Centralized reference: one client with everyone's data and everyone's steps.
-            parts = [np.sort(np.concatenate(parts))]
-            ranks = [max(ranks)]
-        self.parts, self.ranks = parts, ranks
-        self.model = AdaptedModel(self.task.model, self.task.lora, ranks)
-        self.init = initial_adapters(self.model, ranks, cfg.seed)
-        self.sizes = np.array([len(p) for p in parts], dtype=np.float64)
-
-    def _sample(self, server_round: int) -> list[int]:
-        n = len(self.parts)
-        k = max(1, round(self.cfg.fraction * n))
-        if k >= n:
-            return list(range(n))
-        rng = np.random.default_rng([self.cfg.seed, server_round, 17])
-        return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
-
-    def _steps(self, client: int) -> int:
-        cfg = self.cfg
-        if cfg.local_epochs is not None:
-            return max(1, int(np.ceil(cfg.local_epochs * len(self.parts[client]) / cfg.batch_size)))
-        per_round = max(1, round(cfg.fraction * cfg.clients)) if self.rule.pooled else 1
-        return cfg.local_steps * per_round
+        self.parts, self.ranks = client_layout(cfg, self.task, self.rule)
+        self.model = AdaptedModel(self.task.model, self.task.lora, self.ranks)
+        self.init = initial_adapters(self.model, self.ranks, cfg.seed)
+        self.sizes = np.array([len(p) for p in self.parts], dtype=np.float64)
 
     # -- one round --------------------------------------------------------------------------------
     def _round(self, st: ServerState, t: int, bar) -> dict[str, Any]:
-        cfg, model, rule = self.cfg, self.model, self.rule
-        plan = rule.client_plan(t)
-        clients = self._sample(t)
-        updates: dict[str, list[LowRank]] = {}
-        heads, weights, losses = [], [], []
-        bytes_up = bytes_down = 0
+        cfg, plan = self.cfg, self.rule.client_plan(t)
+        clients = sample_clients(cfg, len(self.parts), t)
         merges = {n: s.merge() for n, s in st.layers.items()} if st.layers else {}
+        updates, weights = [], []
+        bytes_down = 0
         for i in clients:
             r = self.ranks[i]
-            scale = model.settings.scale(r)
-            factors = {n: s.readout(r, scale) for n, s in st.layers.items()} if st.layers else dict(self.init[r])
-            own = st.personal.get(i)
-            if own is not None:
-                factors = {n: _keep_personal(f, own["factors"][n], plan.personal) for n, f in factors.items()}
-            head = own["head"] if own is not None and not plan.share_head else st.head
-            bytes_down += sum(_nbytes(f, frozenset({"A", "B"}) - plan.personal) for f in factors.values())
-            bytes_down += sum(_nbytes(m) for m in merges.values()) + (_head_bytes(head) if plan.share_head else 0)
-            model.set_factors(r, factors)
-            model.set_head(r, head)
-            params = model.activate(r, plan.train)
-            steps = self._steps(i)
-            task_id = bar.add_task(f"  client {i} (rank {r})", total=steps) if bar is not None else None
-            loss = local_train(
-                model.peft,
-                params,
-                model.head_parameters(r),
-                self.task.batch,
-                self.parts[i],
-                steps,
-                cfg.batch_size,
-                cfg.lr,
-                cfg.head_lr or cfg.lr,
-                cfg.weight_decay,
-                seed=cfg.seed * 1_000_003 + t * 1009 + i,
-                on_step=(lambda tid=task_id: bar.advance(tid)) if bar is not None else None,
+            factors = readout(st, self.init, r, self.model.settings.scale(r))
+            bytes_down += download_bytes(factors, merges, st.head, plan)
+            task_id = None
+            if bar is not None:
+                total = client_steps(cfg, self.rule, len(self.parts[i]))
+                task_id = bar.add_task(f"  client {i} (rank {r})", total=total)
+            updates.append(
+                train_client(
+                    self.model,
+                    self.task,
+                    cfg,
+                    self.rule,
+                    t,
+                    i,
+                    self.parts[i],
+                    factors,
+                    st.head,
+                    own=st.personal.get(i),
+                    on_step=(lambda tid=task_id: bar.advance(tid)) if bar is not None else None,
+                )
             )
             if bar is not None:
                 bar.remove_task(task_id)
-            losses.append(float(np.mean(loss)))
-            trained = model.get_factors(r)
-            new_head = model.get_head(r)
-            if plan.personal or not plan.share_head:
-                st.personal[i] = {"factors": trained, "head": new_head, "rank": r}
-            if cfg.random_gauge:
-                g = torch.Generator().manual_seed(cfg.seed * 7919 + t * 31 + i)
-                G = random_gauge_matrix(r, g).float()
-                trained = {n: f.gauge(G) for n, f in trained.items()}
-            for n, f in trained.items():
-                updates.setdefault(n, []).append(f)
-            heads.append(new_head)
             weights.append(float(self.sizes[i]) if cfg.weighting == "examples" else 1.0)
-            bytes_up += sum(_nbytes(f, plan.send) for f in trained.values())
-            bytes_up += _head_bytes(new_head) if plan.share_head else 0
-        t0 = time.perf_counter()
-        st.layers = rule.aggregate_layers(updates, weights, previous=st.layers)
-        if plan.share_head:
-            st.head = average_params(heads, weights)
-        server_seconds = time.perf_counter() - t0
-        return {
-            "round": t,
-            "clients": clients,
-            "train_loss": float(np.average(losses, weights=weights)),
-            "server_seconds": server_seconds,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "bytes_up_per_client": bytes_up / len(clients),
-            "bytes_down_per_client": bytes_down / len(clients),
-        }
+        return aggregate_round(self.rule, st, t, clients, updates, weights, bytes_down)
 
     # -- evaluation -------------------------------------------------------------------------------
     def _evaluate(self, st: ServerState) -> dict[str, Any]:
@@ -266,7 +361,10 @@ class Federation:
         return {k: float(np.mean([c[k] for c in per_client])) for k in keys}
 
     # -- the run ----------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def begin(self, resume: bool = False, command: list[str] | None = None) -> ServerState:
+        """Check the run folder, load the task and model, and return the state to start from
+        (a fresh one, or the last checkpoint's with ``resume``). ``command`` goes to meta.json
+        (default: this process's argv)."""
         cfg, store = self.cfg, self.store
         existing = store.config()
         if existing is not None and not resume:
@@ -288,10 +386,43 @@ class Federation:
             store.truncate_metrics(st.round)
             self.console.print(f"[bold]resuming[/bold] {store.folder} after round {st.round}")
         elif existing is None:
-            store.start(cfg.to_dict(), cfg.identity())
+            store.start(cfg.to_dict(), cfg.identity(), command=command)
         else:
             store.truncate_metrics(0)
-        started = time.perf_counter() - st.elapsed
+        self.started = time.perf_counter() - st.elapsed
+        return st
+
+    def end_round(self, st: ServerState, t: int, record: dict[str, Any], t_round: float) -> None:
+        """After round ``t``'s aggregation: evaluate (every eval_every rounds and at the end),
+        export the final adapter, merge what the state says into the base weights, and store
+        the metrics row and a checkpoint. ``t_round``: the round's start (perf_counter)."""
+        cfg = self.cfg
+        if t % cfg.eval_every == 0 or t == cfg.rounds:
+            record.update(self._evaluate(st))
+            if self.rule.reports_personal and t == cfg.rounds:
+                record["eval_personal"] = self._evaluate_personal(st)
+        if t == cfg.rounds:
+            self._export(st)
+        merges = {n: m for n, s in st.layers.items() if (m := s.merge()) is not None}
+        if merges:
+            self.model.add_to_base(merges)
+            st.base_offsets = self.model.base_offsets()
+        record["round_seconds"] = time.perf_counter() - t_round
+        record["peak_rss_mb"] = peak_rss_mb()
+        st.round = t
+        st.elapsed = time.perf_counter() - self.started
+        self.store.append_metrics(record)
+        self.store.save_checkpoint({"state": st, "config": cfg.to_dict()})
+
+    def finish(self, st: ServerState) -> dict[str, Any]:
+        """Write and return the run's summary."""
+        summary = self._summary(st)
+        self.store.finish(summary)
+        return summary
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        st = self.begin(resume)
         prog = (
             Progress(
                 TextColumn("{task.description}"),
@@ -315,29 +446,12 @@ class Federation:
             for t in range(st.round + 1, cfg.rounds + 1):
                 t_round = time.perf_counter()
                 record = self._round(st, t, bar)
-                if t % cfg.eval_every == 0 or t == cfg.rounds:
-                    record.update(self._evaluate(st))
-                    if self.rule.reports_personal and t == cfg.rounds:
-                        record["eval_personal"] = self._evaluate_personal(st)
-                if t == cfg.rounds:
-                    self._export(st)
-                merges = {n: m for n, s in st.layers.items() if (m := s.merge()) is not None}
-                if merges:
-                    self.model.add_to_base(merges)
-                    st.base_offsets = self.model.base_offsets()
-                record["round_seconds"] = time.perf_counter() - t_round
-                record["peak_rss_mb"] = peak_rss_mb()
-                st.round = t
-                st.elapsed = time.perf_counter() - started
-                store.append_metrics(record)
-                store.save_checkpoint({"state": st, "config": cfg.to_dict()})
+                self.end_round(st, t, record, t_round)
                 if bar is not None:
                     bar.advance(rounds_id)
                     if "eval" in record:
-                        bar.console.print(_eval_line(t, record, self.task.main_metric))
-        summary = self._summary(st)
-        store.finish(summary)
-        return summary
+                        bar.console.print(eval_line(t, record, self.task.main_metric))
+        return self.finish(st)
 
     def _export(self, st: ServerState) -> None:
         """The final global model as a peft adapter folder (+ head) relative to the pretrained weights."""
@@ -377,7 +491,7 @@ def _keep_personal(readout: LowRank, own: LowRank, personal: frozenset[str]) -> 
     return LowRank(B, A, readout.scale)
 
 
-def _eval_line(t: int, record: dict[str, Any], metric: str) -> str:
+def eval_line(t: int, record: dict[str, Any], metric: str) -> str:
     line = f"round {t}: {metric} {record['eval'][metric]:.4f}"
     if "eval_by_rank" in record:
         line += "  by rank: " + ", ".join(f"r{r} {m[metric]:.4f}" for r, m in record["eval_by_rank"].items())
