@@ -171,5 +171,75 @@ def run(
     print_summary(summary, folder)
 
 
+def _csv(text: str | None, kind: type = str) -> list | None:
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()] if text else None
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give comma-separated values, e.g. 0,1,2") from None
+
+
+def _packaged_presets() -> list[str]:
+    from importlib import resources
+
+    folder = resources.files("glora.experiments").joinpath("presets")
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+@app.command()
+def sweep(
+    preset: str = typer.Argument(
+        ..., help=f"A packaged preset ({', '.join(_packaged_presets())}) or a path to a preset TOML file."
+    ),
+    results: Path | None = typer.Option(None, help="Results folder. [default: runs/sweeps/<preset name>]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, their status and the estimated time."),
+    seeds: str | None = typer.Option(None, help="Only these of the preset's seeds, comma-separated (e.g. 0)."),
+    only_rules: str | None = typer.Option(None, help="Only these rules, comma-separated."),
+    only_tasks: str | None = typer.Option(None, help="Only these tasks, comma-separated."),
+    only_settings: str | None = typer.Option(None, help="Only these settings, comma-separated."),
+    threads: int | None = typer.Option(None, help="torch CPU threads per run (not part of a run's identity)."),
+    progress: bool = typer.Option(True, help="Progress bars."),
+) -> None:
+    """Run a preset's grid (rules x settings x tasks x seeds): finished runs are skipped,
+    interrupted ones resumed, failing ones recorded; re-run the command to continue."""
+    from rich.console import Console
+
+    from glora.experiments.sweep import sweep_command
+
+    try:
+        sweep_command(
+            preset,
+            results,
+            dry_run,
+            _csv(seeds, int),
+            _csv(only_rules),
+            _csv(only_tasks),
+            _csv(only_settings),
+            threads,
+            progress,
+        )
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Argument(..., help="The --results folder of a `glora sweep`."),
+    out: Path | None = typer.Option(None, help="Where report.md, report.csv and plots/ go. [default: RESULTS_DIR]"),
+    plots: bool = typer.Option(True, help="Write PNG plots."),
+) -> None:
+    """Tables (markdown, CSV) and plots of a sweep: mean ± std over seeds, best marked."""
+    from rich.console import Console
+
+    from glora.experiments.report import write_report
+
+    try:
+        written = write_report(results_dir, out, plots=plots)
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    Console().print(f"wrote {len(written)} files: {written['report.md']}, {written['report.csv']}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,378 @@
+"""``glora report RESULTS_DIR``: tables (markdown and CSV) and plots of a sweep's runs.
+
+Reads ``sweep.json`` (which grid cells each run fills) and each run folder's
+summary.json and metrics.jsonl. Every number is a mean and sample standard deviation over
+seeds of the final-round metric; every table says which command made its runs and how
+much compute they took. The output is deterministic: the same runs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glora.aggregation import RULES
+from glora.experiments.sweep import ERROR, FAILED, FINISHED, INDEX, run_status
+from glora.federation.results import CONFIG, METRICS, SUMMARY, atomic_write
+
+REFERENCES = ("centralized", "local")
+MIB = 2.0**20
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof 1; None for one value) of n values."""
+
+    n: int
+    mean: float
+    std: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        arr = np.asarray(values, dtype=np.float64)
+        return cls(len(arr), float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+@dataclass
+class Run:
+    """One run folder and the grid cells it fills."""
+
+    identity: str
+    labels: list[dict[str, Any]]
+    status: str
+    config: dict[str, Any] | None
+    summary: dict[str, Any] | None
+    rounds: list[dict[str, Any]]
+    error: str | None
+
+
+@dataclass
+class Results:
+    index: dict[str, Any]
+    runs: list[Run]
+
+    # -- axes and cells ---------------------------------------------------------------------------
+    def finished(self) -> list[Run]:
+        return [r for r in self.runs if r.status == FINISHED]
+
+    def axis(self, name: str) -> list[Any]:
+        """An axis in the preset's order, then any values only the runs have (sorted)."""
+        order = list(self.index["axes"][name])
+        seen = {lab[name[:-1]] for r in self.finished() for lab in r.labels}
+        return [v for v in order if v in seen] + sorted(seen - set(order))
+
+    def cell(self, task: str, setting: str, rule: str) -> list[tuple[int, Run]]:
+        """The finished runs of one cell, with their seeds, sorted by seed."""
+        out = []
+        for r in self.finished():
+            for lab in r.labels:
+                if (lab["task"], lab["setting"], lab["rule"]) == (task, setting, rule):
+                    out.append((lab["seed"], r))
+        return sorted(out, key=lambda x: x[0])
+
+    def runs_of(self, task: str | None = None, setting: str | None = None) -> list[Run]:
+        """Distinct finished runs with a label in ``task`` and/or ``setting``."""
+
+        def fits(lab: dict[str, Any]) -> bool:
+            return (task is None or lab["task"] == task) and (setting is None or lab["setting"] == setting)
+
+        return [r for r in self.finished() if any(fits(lab) for lab in r.labels)]
+
+    def main_metric(self, task: str) -> str:
+        return next(r.summary["main_metric"] for r in self.runs_of(task=task))
+
+
+def load_results(results_dir: Path) -> Results:
+    """The sweep index and every run it lists. ValueError if the folder holds no sweep."""
+    results_dir = Path(results_dir)
+    path = results_dir / INDEX
+    if not path.exists():
+        raise ValueError(f"{results_dir} has no {INDEX}: give the --results folder of a `glora sweep`")
+    index = json.loads(path.read_text())
+    runs = []
+    for identity, entry in sorted(index["runs"].items()):
+        folder = results_dir / identity
+        status = run_status(folder)
+        summary = _read_json(folder / SUMMARY)
+        metrics = folder / METRICS
+        rounds = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        error = (folder / ERROR).read_text().strip().splitlines()[-1] if status == FAILED else None
+        runs.append(Run(identity, entry["labels"], status, _read_json(folder / CONFIG), summary, rounds, error))
+    return Results(index, runs)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# -- numbers ----------------------------------------------------------------------------------------
+def final_stat(res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None) -> Stat | None:
+    """The final-round metric of a cell over seeds: the run's main result (``final``), or the
+    model a client of ``rank`` receives."""
+    values = []
+    for _, run in res.cell(task, setting, rule):
+        source = run.summary.get("final") if rank is None else (run.summary.get("final_by_rank") or {}).get(rank)
+        if source is not None and metric in source:
+            values.append(source[metric])
+    return Stat.of(values) if values else None
+
+
+def cost_stats(res: Results, setting: str, rule: str) -> dict[str, Stat] | None:
+    """Per-round costs of every run of (setting, rule), over tasks and seeds."""
+    runs = {r.identity: r for task in res.axis("tasks") for _, r in res.cell(task, setting, rule)}
+    if not runs:
+        return None
+    per_run: dict[str, list[float]] = {k: [] for k in ("server_seconds", "mib_up", "mib_down", "wall_seconds")}
+    for run in runs.values():
+        per_run["server_seconds"].append(float(np.mean([x["server_seconds"] for x in run.rounds])))
+        per_run["mib_up"].append(float(np.mean([x["bytes_up"] for x in run.rounds])) / MIB)
+        per_run["mib_down"].append(float(np.mean([x["bytes_down"] for x in run.rounds])) / MIB)
+        per_run["wall_seconds"].append(run.summary["wall_seconds"])
+    return {k: Stat.of(v) for k, v in per_run.items()}
+
+
+def curve(res: Results, task: str, setting: str, rule: str, metric: str) -> tuple[list[int], list[Stat]]:
+    """The global model's metric against round, over seeds, at the rounds every seed evaluated."""
+    per_seed = [
+        {x["round"]: x["eval"][metric] for x in run.rounds if "eval" in x} for _, run in res.cell(task, setting, rule)
+    ]
+    if not per_seed:
+        return [], []
+    rounds = sorted(set.intersection(*(set(s) for s in per_seed)))
+    return rounds, [Stat.of([s[t] for s in per_seed]) for t in rounds]
+
+
+def ranks_of(res: Results, task: str, setting: str) -> list[str]:
+    """Client ranks with a per-rank result in (task, setting), in increasing order."""
+    ranks = {k for r in res.runs_of(task, setting) for k in (r.summary.get("final_by_rank") or {})}
+    return sorted(ranks, key=int)
+
+
+def compute_seconds(runs: list[Run]) -> float:
+    return float(sum(r.summary["wall_seconds"] for r in runs))
+
+
+# -- formatting ---------------------------------------------------------------------------------------
+def fmt(stat: Stat | None, best: bool = False) -> str:
+    if stat is None:
+        return ""
+    text = f"{stat.mean:.4f}" + (f" ± {stat.std:.4f}" if stat.std is not None else "")
+    return (f"**{text}**" if best else text) + f" ({stat.n})"
+
+
+def _best(stats: dict[str, Stat | None]) -> set[str]:
+    """Rules with the highest mean among the federated rules (references excluded)."""
+    means = {rule: s.mean for rule, s in stats.items() if s is not None and rule not in REFERENCES}
+    if not means:
+        return set()
+    top = max(means.values())
+    return {rule for rule, m in means.items() if m == top}
+
+
+def _rule_name(rule: str) -> str:
+    mark = " †" if rule in RULES and RULES[rule].reports_personal else ""
+    return f"{rule} (reference){mark}" if rule in REFERENCES else f"{rule}{mark}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _provenance(res: Results, runs: list[Run]) -> str:
+    commands = "; ".join(f"`{c}`" for c in res.index["commands"])
+    return f"Runs: {commands}. Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {len(runs)} runs).\n"
+
+
+def _learning_rates(res: Results) -> str:
+    lines = []
+    for task in res.axis("tasks"):
+        by_rule: dict[str, set[float]] = {}
+        for r in res.runs_of(task=task):
+            by_rule.setdefault(r.config["rule"], set()).add(r.config["lr"])
+        values = {lr for lrs in by_rule.values() for lr in lrs}
+        if len(values) == 1:
+            lines.append(f"- {task}: learning rate {values.pop():g}, shared by every rule.")
+        else:
+            per = ", ".join(f"{r} {'/'.join(f'{v:g}' for v in sorted(lrs))}" for r, lrs in sorted(by_rule.items()))
+            lines.append(f"- {task}: learning rates differ across rules: {per}.")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(res: Results, plots: dict[str, str]) -> str:
+    """The report as markdown; ``plots`` maps plot keys to paths relative to the report."""
+    idx = res.index
+    finished = res.finished()
+    out = [f"# Sweep `{idx['preset']}`\n\n"]
+    if idx.get("description"):
+        out.append(idx["description"].strip() + "\n\n")
+    out.append(
+        f"{len(finished)} of {len(res.runs)} runs finished; total compute {compute_seconds(finished) / 3600:.2f} h "
+        "(the sum of their recorded wall time: rounds, evaluation and checkpoints; model loading not included). "
+        "Made by:\n"
+    )
+    out.append("".join(f"- `{c}`\n" for c in idx["commands"]))
+    out.append("\nSettings:\n")
+    for name in res.axis("settings"):
+        note = idx["settings"].get(name, {}).get("note", "")
+        overrides = json.dumps(idx["settings"].get(name, {}).get("overrides", {}), sort_keys=True)
+        out.append(f"- `{name}`: {note + ' ' if note else ''}(overrides {overrides})\n")
+    out.append("\nLearning rates (from the runs' configs):\n")
+    out.append(_learning_rates(res))
+    out.append(
+        "\nEach cell: the final-round metric, mean ± sample standard deviation over seeds, and (n) the number "
+        "of seeds. **Bold**: the best federated rule of the column (references excluded; ties all bold). "
+        "† the mean of the clients' own models (a personalised rule), not one global model. "
+        "The centralized reference pools every client's data, so the partition and client ranks do not "
+        "apply to it: one run fills every column it shares.\n"
+    )
+    for task in res.axis("tasks"):
+        metric = res.main_metric(task)
+        settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
+        out.append(f"\n## {task}: {metric}\n\n")
+        out.append(_provenance(res, res.runs_of(task=task)) + "\n")
+        rows = _metric_rows(res, task, settings, res.axis("rules"), metric)
+        out.append(_table(["rule", *settings], rows))
+        if f"final/{task}" in plots:
+            out.append(f"\n![final {metric} on {task}]({plots[f'final/{task}']})\n")
+        for setting in settings:
+            ranks = ranks_of(res, task, setting)
+            if not ranks:
+                continue
+            out.append(f"\n### {task}, {setting}: {metric} of the model each client rank receives\n\n")
+            out.append(_provenance(res, res.runs_of(task, setting)) + "\n")
+            rows = _rank_rows(res, task, setting, ranks, metric)
+            out.append(_table(["rule", "global", *(f"rank {r}" for r in ranks)], rows))
+            if f"by_rank/{task}/{setting}" in plots:
+                out.append(f"\n![{metric} by rank]({plots[f'by_rank/{task}/{setting}']})\n")
+    curves = [k for k in plots if k.startswith("curve/")]
+    if curves:
+        out.append(
+            "\n## Metric against round\n\nThe global model's metric at each evaluated round, mean over seeds with a "
+            "band of ± one standard deviation. Personalised rules (†) are scored on the clients' own models "
+            "at the end only, so they are in the tables, not here.\n\n"
+        )
+        out.append("".join(f"![{k[len('curve/') :]}]({plots[k]})\n" for k in curves))
+    out.append(_cost_section(res, plots))
+    out.append(_incomplete_section(res))
+    return "".join(out)
+
+
+def _metric_rows(res: Results, task: str, settings: list[str], rules: list[str], metric: str) -> list[list[str]]:
+    stats = {(s, r): final_stat(res, task, s, r, metric) for s in settings for r in rules}
+    best = {s: _best({r: stats[s, r] for r in rules}) for s in settings}
+    return [
+        [_rule_name(r), *(fmt(stats[s, r], r in best[s]) for s in settings)]
+        for r in rules
+        if any(stats[s, r] is not None for s in settings)
+    ]
+
+
+def _rank_rows(res: Results, task: str, setting: str, ranks: list[str], metric: str) -> list[list[str]]:
+    rules = [r for r in res.axis("rules") if res.cell(task, setting, r)]
+    cols: list[str | None] = [None, *ranks]
+    stats = {(c, r): final_stat(res, task, setting, r, metric, rank=c) for c in cols for r in rules}
+    best = {c: _best({r: stats[c, r] for r in rules}) for c in cols}
+    return [[_rule_name(r), *(fmt(stats[c, r], r in best[c]) for c in cols)] for r in rules]
+
+
+def _cost_section(res: Results, plots: dict[str, str]) -> str:
+    out = [
+        "\n## Cost per round\n\nMeans over every run of the cell (all tasks and seeds; n runs): the server's "
+        "aggregation time, the MiB all sampled clients send up and receive down per round, and the wall time "
+        "of a whole run.\n"
+    ]
+    for setting in res.axis("settings"):
+        rows = []
+        for rule in res.axis("rules"):
+            c = cost_stats(res, setting, rule)
+            if c is not None:
+                rows.append(
+                    [
+                        _rule_name(rule),
+                        f"{c['server_seconds'].mean:.4f}",
+                        f"{c['mib_up'].mean:.3f}",
+                        f"{c['mib_down'].mean:.3f}",
+                        f"{c['wall_seconds'].mean / 60:.1f}",
+                        str(c["wall_seconds"].n),
+                    ]
+                )
+        if rows:
+            out.append(f"\n### {setting}\n\n" + _provenance(res, res.runs_of(setting=setting)) + "\n")
+            header = ["rule", "server s / round", "MiB up / round", "MiB down / round", "wall min / run", "n runs"]
+            out.append(_table(header, rows))
+            if f"cost/{setting}" in plots:
+                out.append(f"\n![cost per round, {setting}]({plots[f'cost/{setting}']})\n")
+    return "".join(out)
+
+
+def _incomplete_section(res: Results) -> str:
+    missing = [r for r in res.runs if r.status != FINISHED]
+    if not missing:
+        return ""
+    rows = []
+    for r in missing:
+        cells = "; ".join(f"{x['task']}/{x['setting']}/{x['rule']}/seed {x['seed']}" for x in r.labels)
+        rows.append([r.identity, r.status, cells, (r.error or "").replace("|", "/")])
+    return "\n## Runs not in the tables\n\n" + _table(["identity", "status", "cells", "error"], rows)
+
+
+def csv_text(res: Results) -> str:
+    """Long format: one row per (task, setting, rule, quantity), with n, mean and std."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "setting", "rule", "quantity", "n", "mean", "std"])
+    for task in res.axis("tasks"):
+        for setting in res.axis("settings"):
+            for rule in res.axis("rules"):
+                cell = res.cell(task, setting, rule)
+                if not cell:
+                    continue
+                rows: dict[str, Stat | None] = {}
+                for m in sorted({k for _, r in cell for k in (r.summary.get("final") or {})}):
+                    rows[f"final.{m}"] = final_stat(res, task, setting, rule, m)
+                    for rank in ranks_of(res, task, setting):
+                        rows[f"rank{rank}.{m}"] = final_stat(res, task, setting, rule, m, rank=rank)
+                runs = [r for _, r in cell]
+
+                def per_round(key: str, unit: float = 1.0, runs: list[Run] = runs) -> Stat:
+                    return Stat.of([float(np.mean([x[key] for x in r.rounds])) / unit for r in runs])
+
+                rows["server_seconds_per_round"] = per_round("server_seconds")
+                rows["mib_up_per_round"] = per_round("bytes_up", MIB)
+                rows["mib_down_per_round"] = per_round("bytes_down", MIB)
+                rows["wall_seconds"] = Stat.of([r.summary["wall_seconds"] for r in runs])
+                for quantity, s in rows.items():
+                    if s is not None:
+                        std = "" if s.std is None else f"{s.std:.6f}"
+                        w.writerow([task, setting, rule, quantity, s.n, f"{s.mean:.6f}", std])
+    return buf.getvalue()
+
+
+def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = True) -> dict[str, Path]:
+    """report.md, report.csv and (unless ``plots`` is False) PNG plots in ``out_dir``
+    (default: the results folder). Returns the paths written."""
+    res = load_results(results_dir)
+    if not res.finished():
+        raise ValueError(f"{results_dir}: no run has finished yet; nothing to report (see `glora sweep --dry-run`)")
+    out_dir = Path(out_dir or results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    plot_paths: dict[str, str] = {}
+    if plots:
+        from glora.experiments.plots import write_plots
+
+        for key, path in write_plots(res, out_dir / "plots").items():
+            plot_paths[key] = path.relative_to(out_dir).as_posix()
+            written[key] = path
+    for name, text in (("report.md", markdown(res, plot_paths)), ("report.csv", csv_text(res))):
+        atomic_write(out_dir / name, text.encode())
+        written[name] = out_dir / name
+    return written

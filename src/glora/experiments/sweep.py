@@ -1,0 +1,368 @@
+"""Sweeps: run a preset's grid one run after another, into one results folder.
+
+Each run's folder is named by its config identity, so a sweep can always be re-run: a
+finished run (its summary.json exists) is skipped, an interrupted one (config.json without
+a summary) is resumed from its last checkpoint, and a failing one is recorded in its
+``error.txt`` while the sweep goes on. ``sweep.json`` in the results folder records the
+preset, the commands that ran it and, for every run, the grid cells (labels) it fills, so
+``glora report`` can build the tables.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shlex
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from glora.experiments.grid import PlannedRun, Preset, expand, load_preset
+from glora.federation.results import CONFIG, METRICS, SUMMARY, write_json
+from glora.federation.simulation import run_federation
+
+INDEX = "sweep.json"
+ERROR = "error.txt"
+FINISHED, INTERRUPTED, FAILED, TODO = "finished", "interrupted", "failed", "to run"
+
+
+def run_status(folder: Path) -> str:
+    """finished (summary.json), failed (error.txt), interrupted (config.json only) or to run."""
+    if (folder / SUMMARY).exists():
+        return FINISHED
+    if (folder / ERROR).exists():
+        return FAILED
+    if (folder / CONFIG).exists():
+        return INTERRUPTED
+    return TODO
+
+
+def format_duration(seconds: float) -> str:
+    """'2h 05m', '7m 30s', '45s'."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+def write_index(results_dir: Path, preset: Preset, runs: list[PlannedRun], command: str) -> dict[str, Any]:
+    """Create or extend ``sweep.json``: runs and commands accumulate over invocations (a
+    sweep run seed by seed keeps one index). ValueError if the folder holds another preset."""
+    path = results_dir / INDEX
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with _index_lock(results_dir):
+        return _update_index(path, preset, runs, command)
+
+
+def _update_index(path: Path, preset: Preset, runs: list[PlannedRun], command: str) -> dict[str, Any]:
+    results_dir = path.parent
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old is not None and old["preset"] != preset.name:
+        raise ValueError(
+            f"{results_dir} holds a sweep of preset {old['preset']!r}, not {preset.name!r}; "
+            "give each preset its own --results folder"
+        )
+    entries = dict(old["runs"]) if old else {}
+    for run in runs:
+        labels = list(entries.get(run.identity, {}).get("labels", []))
+        labels += [lab.to_dict() for lab in run.labels if lab.to_dict() not in labels]
+        entries[run.identity] = {"labels": labels, "estimate_seconds": round(run.estimate_seconds, 1)}
+    commands = list(old["commands"]) if old else []
+    if command not in commands:
+        commands.append(command)
+    index = {
+        "preset": preset.name,
+        "description": preset.description,
+        "source": preset.source,
+        "commands": commands,
+        "axes": {
+            "tasks": list(preset.tasks),
+            "settings": list(preset.settings),
+            "rules": list(preset.all_rules()),
+            "seeds": list(preset.seeds),
+        },
+        "settings": {s.name: {"note": s.note, "overrides": s.overrides} for s in preset.settings.values()},
+        "runs": entries,
+    }
+    write_json(path, index)
+    return index
+
+
+@dataclass
+class SweepOutcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # finished before (or by another sweep meanwhile)
+    busy: list[str] = field(default_factory=list)  # being run by another sweep
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class TimeLeft:
+    """Time left in a grid: the runs' estimates, scaled by how the finished runs' time
+    compared with their estimates (1 before any has finished). Runs finished before this
+    sweep count with their recorded wall time (which leaves out model loading), runs of this
+    sweep with the time their call took."""
+
+    def __init__(self, runs: list[PlannedRun], results_dir: Path) -> None:
+        self.estimates = {r.identity: r.estimate_seconds for r in runs}
+        self.wall = 0.0
+        self.estimated = 0.0
+        for r in runs:
+            summary = results_dir / r.identity / SUMMARY
+            if summary.exists():
+                self.add(r.identity, json.loads(summary.read_text())["wall_seconds"])
+
+    def add(self, identity: str, wall_seconds: float) -> None:
+        self.wall += wall_seconds
+        self.estimated += self.estimates[identity]
+
+    @property
+    def ratio(self) -> float:
+        return self.wall / self.estimated if self.estimated > 0 else 1.0
+
+    def left(self, pending: list[str], current_done: float = 0.0) -> float:
+        """Seconds left for the ``pending`` runs, the first of which is ``current_done`` (0..1) done."""
+        total = sum(self.estimates[i] for i in pending)
+        if pending:
+            total -= current_done * self.estimates[pending[0]]
+        return self.ratio * total
+
+
+class _GridProgress:
+    """A bar over the grid and one over the current run's rounds. Runs report nothing to
+    the sweep while they train, so the round bar follows the run's metrics.jsonl."""
+
+    def __init__(self, console: Console, total: int, done: int, clock: TimeLeft) -> None:
+        self.clock = clock
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[left]}"),
+            console=console,
+        )
+        self.grid = self.progress.add_task("grid", total=total, completed=done, left="")
+        self.rounds: TaskID | None = None
+
+    @contextmanager
+    def watch(self, run: PlannedRun, folder: Path, pending: list[str]) -> Iterator[None]:
+        desc = f"  {run.config.rule} on {run.config.task} ({run.identity})"
+        self.rounds = self.progress.add_task(desc, total=run.config.rounds, left="")
+        stop = threading.Event()
+
+        def poll() -> None:
+            while True:
+                self._update(folder, run.config.rounds, pending)
+                if stop.wait(1.0):
+                    return
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.progress.remove_task(self.rounds)
+            self.rounds = None
+
+    def _update(self, folder: Path, rounds: int, pending: list[str]) -> None:
+        path = folder / METRICS
+        done = len(path.read_text().splitlines()) if path.exists() else 0
+        self.progress.update(self.rounds, completed=done)
+        left = self.clock.left(pending, min(done / rounds, 1.0))
+        self.progress.update(self.grid, left=f"~{format_duration(left)} left")
+
+    def advance(self, pending: list[str]) -> None:
+        left = f"~{format_duration(self.clock.left(pending))} left" if pending else "done"
+        self.progress.update(self.grid, advance=1, left=left)
+
+
+def run_sweep(
+    preset: Preset,
+    runs: list[PlannedRun],
+    results_dir: Path,
+    command: str,
+    progress: bool = True,
+    console: Console | None = None,
+) -> SweepOutcome:
+    """Run every planned run that has not finished, in order; see the module docstring."""
+    console = console or Console(stderr=True)
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_index(results_dir, preset, runs, command)
+    clock = TimeLeft(runs, results_dir)
+    outcome = SweepOutcome()
+    pending = [r.identity for r in runs if run_status(results_dir / r.identity) != FINISHED]
+    bar = _GridProgress(console, len(runs), len(runs) - len(pending), clock) if progress else None
+    with bar.progress if bar is not None else _nothing():
+        for run in runs:
+            folder = results_dir / run.identity
+            with _claim(results_dir, run.identity) as mine:
+                if run.identity not in pending or run_status(folder) == FINISHED:
+                    outcome.skipped.append(run.identity)
+                elif not mine:
+                    outcome.busy.append(run.identity)
+                    console.print(f"skipped {_describe(run)}: another sweep is running it")
+                else:
+                    with bar.watch(run, folder, pending) if bar is not None else _nothing():
+                        _run_one(run, folder, console, outcome, clock)
+            if run.identity in pending:
+                pending.remove(run.identity)
+                if bar is not None:
+                    bar.advance(pending)
+    return outcome
+
+
+def _run_one(run: PlannedRun, folder: Path, console: Console, outcome: SweepOutcome, clock: TimeLeft) -> None:
+    """Run or resume one run; a failure is written to its error.txt, not raised."""
+    what = _describe(run)
+    started = time.perf_counter()
+    try:
+        summary = run_federation(run.config, folder, resume=(folder / CONFIG).exists(), progress=False)
+    except Exception as e:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ERROR).write_text(traceback.format_exc())
+        outcome.failed[run.identity] = f"{type(e).__name__}: {e}"
+        console.print(f"[red]failed[/red] {what}: {type(e).__name__}: {e} (see {folder / ERROR})")
+        return
+    (folder / ERROR).unlink(missing_ok=True)
+    outcome.ran.append(run.identity)
+    clock.add(run.identity, time.perf_counter() - started)  # model loading included
+    metric = summary.get("main_metric")
+    value = (summary.get("final") or {}).get(metric)
+    score = f"{metric} {value:.4f}" if value is not None else "no metric"
+    console.print(f"done {what}: {score} in {format_duration(summary['wall_seconds'])}")
+
+
+@contextmanager
+def _claim(results_dir: Path, identity: str) -> Iterator[bool]:
+    """Try to take an exclusive lock on one run (fcntl.flock, released when the process
+    ends): several sweeps of one grid, e.g. one per CPU core with --threads 1, then share
+    the runs instead of repeating them. Yields whether this process holds the run."""
+    locks = results_dir / ".locks"
+    locks.mkdir(exist_ok=True)
+    with (locks / identity).open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _index_lock(results_dir: Path) -> Iterator[None]:
+    """Serialises sweep.json's read-modify-write between sweeps sharing a results folder."""
+    with (results_dir / ".sweep.lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _describe(run: PlannedRun) -> str:
+    settings = "+".join(dict.fromkeys(lab.setting for lab in run.labels))
+    seeds = ",".join(str(s) for s in dict.fromkeys(lab.seed for lab in run.labels))
+    return f"{run.config.rule} / {run.config.task} / {settings} / seed {seeds} ({run.identity})"
+
+
+def print_plan(runs: list[PlannedRun], results_dir: Path, console: Console) -> float:
+    """The dry run: every run with its status and estimate; returns the estimated seconds left."""
+    table = Table(title=f"{len(runs)} runs into {results_dir}")
+    for col in ("#", "identity", "task", "setting", "rule", "seed", "status", "estimate"):
+        table.add_column(
+            col, justify="right" if col in ("#", "seed", "estimate") else "left", no_wrap=col == "identity"
+        )
+    pending = []
+    for i, run in enumerate(runs, 1):
+        status = run_status(results_dir / run.identity)
+        if status != FINISHED:
+            pending.append(run.identity)
+        table.add_row(
+            str(i),
+            run.identity,
+            run.config.task,
+            "+".join(dict.fromkeys(lab.setting for lab in run.labels)),
+            run.config.rule,
+            ",".join(str(s) for s in dict.fromkeys(lab.seed for lab in run.labels)),
+            status,
+            format_duration(run.estimate_seconds),
+        )
+    console.print(table)
+    clock = TimeLeft(runs, results_dir)
+    left = clock.left(pending)
+    basis = (
+        f"the preset's estimates x {clock.ratio:.2f}, the finished runs' time over their estimates"
+        if clock.estimated > 0
+        else "the preset's per-step estimates; no run has finished yet"
+    )
+    console.print(
+        f"{len(runs) - len(pending)} finished, {len(pending)} to run; estimated time left {format_duration(left)} "
+        f"({basis})"
+    )
+    return left
+
+
+def sweep_command(
+    preset_arg: str,
+    results: Path | None = None,
+    dry_run: bool = False,
+    seeds: list[int] | None = None,
+    rules: list[str] | None = None,
+    tasks: list[str] | None = None,
+    settings: list[str] | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> SweepOutcome | None:
+    """``glora sweep``: load, expand, then list (dry run) or run. Returns None for a dry run."""
+    preset = load_preset(preset_arg)
+    runs = expand(preset, seeds=seeds, rules=rules, tasks=tasks, settings=settings)
+    if threads is not None:
+        # Threads are not part of a run's identity: they change its speed, not its result.
+        for run in runs:
+            run.config = run.config.replace(threads=threads)
+    results_dir = results or Path("runs") / "sweeps" / preset.name
+    if dry_run:
+        print_plan(runs, results_dir, Console() if console is None else console)
+        return None
+    parts = ["glora", "sweep", str(preset_arg), "--results", str(results_dir)]
+    filters = (("--seeds", seeds), ("--only-rules", rules), ("--only-tasks", tasks), ("--only-settings", settings))
+    for flag, values in filters:
+        if values:
+            parts += [flag, ",".join(str(v) for v in values)]
+    console = console or Console(stderr=True)
+    try:
+        outcome = run_sweep(preset, runs, results_dir, shlex.join(parts), progress=progress, console=console)
+    except KeyboardInterrupt:
+        console.print(
+            "[yellow]interrupted[/yellow]: finished runs are kept; the same command resumes from the last checkpoint"
+        )
+        raise
+    console.print(
+        f"sweep {preset.name}: {len(outcome.ran)} ran, {len(outcome.skipped)} already finished, "
+        f"{len(outcome.busy)} left to another sweep, {len(outcome.failed)} failed; "
+        f"results in {results_dir} (glora report {results_dir})"
+    )
+    return outcome

@@ -1,0 +1,150 @@
+"""The report: its numbers equal a hand computation on hand-written run folders, the best
+federated rule per column is marked, and the output is the same bytes every time."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from glora.experiments.report import load_results, write_report
+
+MIB = 2**20
+
+
+def _run(root, identity, labels, rule, accuracy=None, by_rank=None, wall=360.0, status="finished", lr=2e-3):
+    """One run folder as the federation loop writes it (2 rounds, evaluated at each)."""
+    folder = root / identity
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"identity": identity, "rule": rule, "lr": lr, "task": "sst2"}))
+    rows = [
+        {"round": 1, "server_seconds": 0.1, "bytes_up": 1 * MIB, "bytes_down": 2 * MIB, "eval": {"accuracy": 0.6}},
+        {"round": 2, "server_seconds": 0.3, "bytes_up": 3 * MIB, "bytes_down": 2 * MIB, "eval": {"accuracy": accuracy}},
+    ]
+    if status == "interrupted":
+        rows = rows[:1]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if status == "failed":
+        (folder / "error.txt").write_text("Traceback (most recent call last):\nRuntimeError: out of memory\n")
+    if status == "finished":
+        summary = {
+            "final": {"accuracy": accuracy},
+            "final_global": {"accuracy": accuracy},
+            "final_by_rank": by_rank,
+            "main_metric": "accuracy",
+            "wall_seconds": wall,
+            "rule": rule,
+        }
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return identity, {"labels": [{"task": "sst2", "setting": s, "rule": rule, "seed": seed} for s, seed in labels]}
+
+
+@pytest.fixture
+def results(tmp_path):
+    """sst2; settings s1 (equal ranks) and s2 (unequal ranks, per-rank results); glora, fedit
+    and the centralized reference, whose one run fills both columns."""
+    root = tmp_path / "sweep"
+    runs = dict(
+        [
+            _run(root, "g1s0", [("s1", 0)], "glora", 0.80),
+            _run(root, "g1s1", [("s1", 1)], "glora", 0.82),
+            _run(root, "g1s2", [("s1", 2)], "glora", 0.84),
+            _run(root, "f1s0", [("s1", 0)], "fedit", 0.79),
+            _run(root, "f1s1", [("s1", 1)], "fedit", 0.85),
+            _run(root, "f1s2", [("s1", 2)], "fedit", 0.83),
+            _run(root, "c0", [("s1", 0), ("s2", 0)], "centralized", 0.90),
+            _run(root, "g2s0", [("s2", 0)], "glora", 0.70, by_rank={"2": {"accuracy": 0.60}, "8": {"accuracy": 0.70}}),
+            _run(root, "g2s1", [("s2", 1)], "glora", 0.72, by_rank={"2": {"accuracy": 0.66}, "8": {"accuracy": 0.72}}),
+            _run(root, "f2s0", [("s2", 0)], "fedit", 0.705, by_rank={"2": {"accuracy": 0.68}, "8": {"accuracy": 0.71}}),
+            _run(root, "f2s1", [("s2", 1)], "fedit", status="failed"),
+            _run(root, "g2s2", [("s2", 2)], "glora", status="interrupted"),
+        ]
+    )
+    index = {
+        "preset": "fixture",
+        "description": "A hand-made sweep.",
+        "source": "test",
+        "commands": ["glora sweep fixture --results sweep"],
+        "axes": {
+            "tasks": ["sst2"],
+            "settings": ["s1", "s2"],
+            "rules": ["glora", "fedit", "centralized"],
+            "seeds": [0, 1, 2],
+        },
+        "settings": {"s1": {"note": "equal ranks", "overrides": {"ranks": "8"}}, "s2": {"note": "", "overrides": {}}},
+        "runs": runs,
+    }
+    (root / "sweep.json").write_text(json.dumps(index))
+    return root
+
+
+def _csv_rows(path):
+    return {(r["setting"], r["rule"], r["quantity"]): r for r in csv.DictReader(io.StringIO(path.read_text()))}
+
+
+def test_numbers_equal_a_hand_computation(results):
+    write_report(results, plots=False)
+    rows = _csv_rows(results / "report.csv")
+
+    def check(key, n, mean, std):
+        row = rows[key]
+        assert int(row["n"]) == n and float(row["mean"]) == pytest.approx(mean, abs=1e-6)
+        assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std, abs=1e-6)
+
+    # glora, s1: 0.80, 0.82, 0.84 -> mean 0.82, sample std sqrt((0.02^2 + 0 + 0.02^2) / 2) = 0.02.
+    check(("s1", "glora", "final.accuracy"), 3, 0.82, 0.02)
+    # fedit, s1: 0.79, 0.85, 0.83 -> mean 2.47 / 3; deviations -1/30, 2/75, 1/150:
+    # squares sum to 0.0018667, / 2 = 0.00093333, sqrt = 0.0305505.
+    check(("s1", "fedit", "final.accuracy"), 3, 2.47 / 3, 0.0305505)
+    # One centralized run fills both columns; one seed has no spread.
+    check(("s1", "centralized", "final.accuracy"), 1, 0.90, None)
+    check(("s2", "centralized", "final.accuracy"), 1, 0.90, None)
+    # s2: fedit's second seed failed, glora's third was interrupted: neither counts.
+    check(("s2", "glora", "final.accuracy"), 2, 0.71, 0.0141421)
+    check(("s2", "fedit", "final.accuracy"), 1, 0.705, None)
+    check(("s2", "glora", "rank2.accuracy"), 2, 0.63, 0.0424264)
+    check(("s2", "glora", "rank8.accuracy"), 2, 0.71, 0.0141421)
+    # Costs: server seconds (0.1 + 0.3) / 2 = 0.2 a round; MiB up (1 + 3) / 2 = 2, down 2.
+    check(("s1", "glora", "server_seconds_per_round"), 3, 0.2, 0.0)
+    check(("s1", "glora", "mib_up_per_round"), 3, 2.0, 0.0)
+    check(("s1", "glora", "mib_down_per_round"), 3, 2.0, 0.0)
+
+    md = (results / "report.md").read_text()
+    # Best federated rule per column in bold: fedit in s1 (0.8233 > 0.82), glora in s2 (0.71 > 0.705);
+    # the centralized reference is higher in both but is not a competitor.
+    assert "| glora | 0.8200 ± 0.0200 (3) | **0.7100 ± 0.0141** (2) |" in md
+    assert "| fedit | **0.8233 ± 0.0306** (3) | 0.7050 (1) |" in md
+    assert "| centralized (reference) | 0.9000 (1) | 0.9000 (1) |" in md
+    # Per-rank table of s2: fedit's 0.68 beats glora's 0.63 at rank 2; at rank 8 both have 0.71: a tie, both bold.
+    assert "| glora | **0.7100 ± 0.0141** (2) | 0.6300 ± 0.0424 (2) | **0.7100 ± 0.0141** (2) |" in md
+    assert "| fedit | 0.7050 (1) | **0.6800** (1) | **0.7100** (1) |" in md
+    # Provenance: the command, and compute = 10 finished runs x 360 s = 1.00 h (the shared
+    # centralized run counted once).
+    assert "10 of 12 runs finished; total compute 1.00 h" in md
+    assert "Runs: `glora sweep fixture --results sweep`. Compute: 1.00 h (wall time of 10 runs)." in md
+    assert "sst2: learning rate 0.002, shared by every rule." in md
+    assert "| f2s1 | failed | sst2/s2/fedit/seed 1 | RuntimeError: out of memory |" in md
+    assert "| g2s2 | interrupted | sst2/s2/glora/seed 2 |  |" in md
+
+
+def test_report_is_deterministic(results, tmp_path):
+    first = write_report(results, tmp_path / "a")
+    second = write_report(results, tmp_path / "b")
+    assert sorted(first) == sorted(second)
+    assert any(k.startswith("curve/") for k in first) and "by_rank/sst2/s2" in first and "cost/s1" in first
+    for key in first:
+        assert first[key].read_bytes() == second[key].read_bytes(), key
+    assert first["report.md"].read_text().count("](plots/") == len(first) - 2
+
+
+def test_report_errors(tmp_path, results):
+    with pytest.raises(ValueError, match=r"has no sweep\.json"):
+        write_report(tmp_path)
+    assert len(load_results(results).finished()) == 10
+    for folder in results.iterdir():
+        if folder.is_dir():
+            (folder / "summary.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no run has finished yet"):
+        write_report(results)
