@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,12 +113,12 @@ def client_layout(cfg: RunConfig, task: FederatedTask, rule: Rule) -> tuple[list
     return parts, ranks
 
 
-def sample_clients(cfg: RunConfig, n_clients: int, server_round: int) -> list[int]:
-    """The clients of a round: all of them, or a seeded fraction (sorted client indices)."""
-    k = max(1, round(cfg.fraction * n_clients))
+def sample_clients(n_clients: int, server_round: int, fraction: float, seed: int) -> list[int]:
+    """The clients of a round: all of them, or a seeded ``fraction`` (sorted client indices)."""
+    k = max(1, round(fraction * n_clients))
     if k >= n_clients:
         return list(range(n_clients))
-    rng = np.random.default_rng([cfg.seed, server_round, 17])
+    rng = np.random.default_rng([seed, server_round, 17])
     return sorted(int(i) for i in rng.choice(n_clients, size=k, replace=False))
 
 
@@ -166,7 +166,7 @@ def train_client(
     factors: Mapping[str, LowRank],
     head: Mapping[str, torch.Tensor],
     own: Mapping[str, Any] | None = None,
-    on_step: Any = None,
+    on_step: Callable[[], None] | None = None,
 ) -> ClientUpdate:
     """One client's round, wherever it runs (this process or a Flower ClientApp): start from
     the server's readout ``factors`` and ``head`` (or the client's ``own`` where the rule keeps
@@ -294,7 +294,7 @@ class Federation:
     # -- one round --------------------------------------------------------------------------------
     def _round(self, st: ServerState, t: int, bar) -> dict[str, Any]:
         cfg, plan = self.cfg, self.rule.client_plan(t)
-        clients = sample_clients(cfg, len(self.parts), t)
+        clients = sample_clients(len(self.parts), t, cfg.fraction, cfg.seed)
         merges = {n: s.merge() for n, s in st.layers.items()} if st.layers else {}
         updates, weights = [], []
         bytes_down = 0
@@ -402,7 +402,7 @@ class Federation:
             if self.rule.reports_personal and t == cfg.rounds:
                 record["eval_personal"] = self._evaluate_personal(st)
         if t == cfg.rounds:
-            self._export(st)
+            self.export(st)
         merges = {n: m for n, s in st.layers.items() if (m := s.merge()) is not None}
         if merges:
             self.model.add_to_base(merges)
@@ -453,7 +453,7 @@ class Federation:
                         bar.console.print(eval_line(t, record, self.task.main_metric))
         return self.finish(st)
 
-    def _export(self, st: ServerState) -> None:
+    def export(self, st: ServerState) -> None:
         """The final global model as a peft adapter folder (+ head) relative to the pretrained weights."""
         totals = {}
         for n, s in st.layers.items():

@@ -1,0 +1,251 @@
+"""Any registered aggregation rule as a Flower strategy.
+
+Each round, :meth:`RuleStrategy.configure_train` reads out each sampled node's adapter at
+that node's rank (one Message per node: ranks differ), and
+:meth:`RuleStrategy.aggregate_train` checks every reply and aggregates the good ones with the
+rule, weighted by the example counts the nodes report. A bad reply (an error, factors of the
+wrong shape, NaN, no example count) is left out of the round with a logged reason; when no
+reply is good the server state stays as it was. The round's arithmetic is the in-process
+simulation's (:func:`~glora.federation.simulation.aggregate_round`): only the transport differs.
+
+Before the first round, :func:`discover_nodes` asks every node (a ``query`` message) for its
+partition and rank, which live in the node's config where the server cannot see them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import Tensor
+
+from glora.aggregation import get_rule
+from glora.aggregation.base import FACTORS
+from glora.federation.simulation import (
+    ClientUpdate,
+    ServerState,
+    aggregate_round,
+    download_bytes,
+    readout,
+    sample_clients,
+)
+from glora.flower.records import check_update, encode
+from glora.lowrank import LowRank
+
+log = logging.getLogger("flwr.glora")  # a child of Flower's logger: shown by `flwr run --stream` and `flwr log`
+
+
+@dataclass(frozen=True)
+class NodeClient:
+    """A node as the federation sees it: its Flower node id, its client index (the partition
+    it trains on; 0 for the pooled client of the centralized reference) and its LoRA rank."""
+
+    node_id: int
+    client: int
+    rank: int
+
+
+class RuleStrategy(Strategy):
+    """A glora rule (any name in ``glora.aggregation.RULES``) over Flower messages.
+
+    nodes: one per client index 0..K-1. init: the round-1 adapter of every rank, per layer.
+    head: the initial shared head. scale: the LoRA scale of a rank. state: the server state
+    the rounds update (shared with the ServerApp, which evaluates and merges it).
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        nodes: Sequence[NodeClient],
+        init: Mapping[int, Mapping[str, LowRank]],
+        head: Mapping[str, Tensor],
+        scale: Callable[[int], float],
+        rule_options: Mapping[str, Any] | None = None,
+        fraction: float = 1.0,
+        seed: int = 0,
+        weighting: str = "examples",
+        state: ServerState | None = None,
+    ) -> None:
+        self.rule_name = rule
+        self.rule = get_rule(rule, **(rule_options or {}))
+        if sorted(n.client for n in nodes) != list(range(len(nodes))):
+            raise ValueError(f"nodes must hold client indices 0..{len(nodes) - 1}, got {[n.client for n in nodes]}")
+        for n in nodes:
+            if n.rank not in init:
+                raise ValueError(f"node {n.node_id} has rank {n.rank} but no initial adapter of that rank was given")
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        self.nodes = sorted(nodes, key=lambda n: n.client)
+        self.init = init
+        self.scale = scale
+        self.fraction, self.seed, self.weighting = fraction, seed, weighting
+        self.state = state if state is not None else ServerState(head=dict(head))
+        self.shapes = {n: (f.B.shape[0], f.A.shape[1]) for n, f in next(iter(init.values())).items()}
+        self.head_template = dict(head)
+        self.sent: list[Message] = []
+        self.sent_to: dict[int, NodeClient] = {}  # id(message) -> node, until message ids exist
+        self.bytes_down: dict[int, int] = {}
+        self.readouts: dict[int, dict[str, LowRank]] = {}
+        self.round_started = 0.0
+        #: The metrics row of the last round, or None when every reply was bad.
+        self.last_record: dict[str, Any] | None = None
+
+    # -- training -----------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One Message per sampled node: its readout at its rank, the head, and (for rules that
+        merge into the base weights) the base offsets so far."""
+        self.round_started = time.perf_counter()
+        self.last_record = None
+        st, plan = self.state, self.rule.client_plan(server_round)
+        merges = {n: s.merge() for n, s in st.layers.items()} if st.layers else {}
+        self.sent, self.sent_to, self.bytes_down, self.readouts = [], {}, {}, {}
+        for i in sample_clients(len(self.nodes), server_round, self.fraction, self.seed):
+            node = self.nodes[i]
+            factors = readout(st, self.init, node.rank, self.scale(node.rank))
+            cfg = ConfigRecord({**dict(config), "server-round": server_round, "client": node.client})
+            content = RecordDict({"arrays": encode(factors, st.head, st.base_offsets), "config": cfg})
+            msg = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
+            self.sent.append(msg)
+            self.sent_to[id(msg)] = node
+            self.bytes_down[node.client] = download_bytes(factors, merges, st.head, plan)
+            self.readouts[node.client] = factors
+        return self.sent  # a list: pushing fills in each message's id, which replies refer to
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The rule's aggregate of the good replies (None, None when there is none)."""
+        by_id = {m.metadata.message_id: self.sent_to[id(m)] for m in self.sent}
+        good: dict[int, tuple[ClientUpdate, float]] = {}
+        left_out: dict[int, str] = {}
+        for reply in replies:
+            node = by_id.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                log.warning("round %d: ignored a reply to no message of this round", server_round)
+                continue
+            if node.client in good or node.client in left_out:
+                left_out[node.client] = "sent more than one reply"
+                good.pop(node.client, None)
+                continue
+            try:
+                good[node.client] = self._check(reply, node, server_round)
+            except ValueError as e:
+                left_out[node.client] = str(e)
+        for node in (self.sent_to[id(m)] for m in self.sent):
+            if node.client not in good and node.client not in left_out:
+                left_out[node.client] = "no reply within the round's timeout"
+        for client, reason in sorted(left_out.items()):
+            log.warning(
+                "round %d: left out client %d (node %d): %s", server_round, client, self.nodes[client].node_id, reason
+            )
+        if not good:
+            log.warning("round %d: no node sent a usable reply; the server state stays as it was", server_round)
+            return None, None
+        clients = sorted(good)
+        updates = [good[i][0] for i in clients]
+        weights = [good[i][1] for i in clients]
+        record = aggregate_round(
+            self.rule, self.state, server_round, clients, updates, weights, sum(self.bytes_down[i] for i in clients)
+        )
+        if left_out:
+            record["left_out"] = {str(i): reason for i, reason in sorted(left_out.items())}
+        self.last_record = record
+        metrics = MetricRecord({"train-loss": record["train_loss"], "clients": len(clients)})
+        return ArrayRecord(dict(self.state.head)), metrics
+
+    def _check(self, reply: Message, node: NodeClient, server_round: int) -> tuple[ClientUpdate, float]:
+        """A reply as (update, weight); ValueError with the reason it cannot be used."""
+        if reply.has_error():
+            raise ValueError(f"the node reported an error (code {reply.error.code}): {reply.error.reason}")
+        content = reply.content
+        if "arrays" not in content or "metrics" not in content:
+            raise ValueError(f"the reply holds {sorted(content)}, not 'arrays' and 'metrics'")
+        metrics = content["metrics"]
+        if "num-examples" not in metrics:
+            raise ValueError("no example count (metrics['num-examples'])")
+        count = metrics["num-examples"]
+        if not isinstance(count, int | float) or not math.isfinite(count) or count < 1:
+            raise ValueError(f"example count {count!r} is not a positive number")
+        loss = metrics.get("train-loss")
+        if not isinstance(loss, int | float) or not math.isfinite(loss):
+            raise ValueError(f"training loss {loss!r} is missing or not finite")
+        scale = self.scale(node.rank)
+        factors, head = check_update(content["arrays"], node.rank, scale, self.shapes, self.head_template)
+        plan = self.rule.client_plan(server_round)
+        for factor in sorted(FACTORS - plan.train):
+            # A factor the rule freezes this round must come back as sent (in the node's dtype).
+            for n, f in factors.items():
+                sent = getattr(self.readouts[node.client][n], factor)
+                if not torch.equal(getattr(f, factor), sent.to(getattr(f, factor).dtype)):
+                    raise ValueError(f"layer {n}: the rule freezes {factor} this round, but the node changed it")
+        own = {"factors": factors, "head": head, "rank": node.rank} if plan.personal or not plan.share_head else None
+        weight = float(count) if self.weighting == "examples" else 1.0
+        return ClientUpdate(factors, head, float(loss), own), weight
+
+    # -- no federated evaluation: the server evaluates the global model itself ----------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        ranks = ", ".join(f"client {n.client} (node {n.node_id}): rank {n.rank}" for n in self.nodes)
+        log.info("glora rule %r over %d nodes: %s", self.rule_name, len(self.nodes), ranks)
+
+
+def discover_nodes(grid: Grid, expected: int, timeout: float, poll: float = 1.0) -> dict[int, tuple[int, int]]:
+    """Wait until ``expected`` nodes are connected, then ask each for its partition and rank.
+
+    Returns {partition id: (node id, rank)} covering partitions 0..expected-1. A node that
+    answers with an error is left out with a logged reason; ValueError when partitions are
+    missing or claimed twice, or when the nodes do not connect within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while len(ids := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"{len(ids)} of {expected} nodes connected within {timeout:.0f} s: start more SuperNodes "
+                "(one per partition) or lower the run config's 'clients'"
+            )
+        time.sleep(poll)
+    queries = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in ids
+    ]
+    replies = list(grid.send_and_receive(queries, timeout=timeout))
+    found: dict[int, tuple[int, int]] = {}
+    reasons = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            reasons.append(f"node {node}: {reply.error.reason}")
+            log.warning("node %d left out: %s", node, reply.error.reason)
+            continue
+        m = reply.content["metrics"]
+        pid, rank = int(m["partition-id"]), int(m["rank"])
+        if pid in found:
+            raise ValueError(
+                f"nodes {found[pid][0]} and {node} both declare partition-id {pid}: give each SuperNode its own "
+                "--node-config 'partition-id=I num-partitions=N'"
+            )
+        found[pid] = (node, rank)
+    missing = sorted(set(range(expected)) - set(found))
+    if missing:
+        raise ValueError(
+            f"no node answered for partitions {missing} of {expected} ({len(replies)} of {len(ids)} nodes replied"
+            + (f"; {'; '.join(reasons)}" if reasons else "")
+            + ")"
+        )
+    return {p: found[p] for p in range(expected)}
