@@ -14,17 +14,27 @@ Per layer, all in low-rank form; no (d_out, d_in) matrix is ever built:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from glora.aggregation.base import LayerState, Rule
+from glora.aggregation.base import LayerState, Rule, normalize_weights
+from glora.aggregation.glora_batched import Options, glora_batch
 from glora.aggregation.spectral import ReadoutGauge, SpectralState
 from glora.lowrank import DEFAULT_RTOL, LowRank, numerical_rank
 
 Consensus = Literal["projector", "energy"]
+
+# Bytes of stacked factors the batched route holds at once (it stacks this many bytes' worth
+# of layers per batch): enough layers that the per-call overheads of the small batched
+# factorisations vanish, and under glibc's largest mmap threshold (32 MiB), so that the
+# buffers are reused from the heap from one batch to the next instead of being mapped,
+# page-faulted and unmapped every time.
+CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -107,15 +117,70 @@ class GLoRA(Rule):
             P, lam, Qh = torch.linalg.svd(K)
             Ub, Q = U @ P, V @ Qh.T
         keep = numerical_rank(lam, self.rtol)
+        return self._state(Ub[:, :keep].contiguous(), lam[:keep].contiguous(), Q[:, :keep].contiguous(), updates)
+
+    def _state(self, Ub: Tensor, lam: Tensor, Q: Tensor, updates: Sequence[LowRank]) -> SpectralState:
         return SpectralState(
-            Ub[:, :keep].contiguous(),
-            lam[:keep].contiguous(),
-            Q[:, :keep].contiguous(),
-            out_dtype=updates[0].dtype,
-            gauge=self.readout_gauge,
-            seed=self.seed,
-            restart=self.restart,
+            Ub, lam, Q, out_dtype=updates[0].dtype, gauge=self.readout_gauge, seed=self.seed, restart=self.restart
         )
+
+    def aggregate_layers(
+        self,
+        updates: Mapping[str, Sequence[LowRank]],
+        weights: Sequence[float],
+        previous: Mapping[str, LayerState] | None = None,
+    ) -> dict[str, LayerState]:
+        """Aggregate every layer of a model: ``updates[layer][client]``.
+
+        Same states as ``aggregate`` layer by layer (up to rounding, see glora_batched.GRAM_TOL),
+        computed in batches of layers that share a shape and the clients' ranks. Layers the
+        batched route does not take (a previous state to blend with ``memory``, sum r_i above
+        the layer's width, an accuracy check that fails, bad input) go through ``aggregate``,
+        which also raises the ValueErrors for bad input.
+        """
+        previous = previous or {}
+        out: dict[str, LayerState | None] = dict.fromkeys(updates)
+        batches: dict[tuple, list[str]] = {}
+        for name, ups in updates.items():
+            key = self._batch_key(ups, previous.get(name))
+            if key is None:
+                out[name] = self.aggregate(ups, weights, previous.get(name))
+            else:
+                batches.setdefault(key, []).append(name)
+        with torch.no_grad():
+            for (d_out, d_in, ranks, _), names in batches.items():
+                w = normalize_weights(weights, len(ranks))
+                R = self.rank or max(ranks)
+                opts = Options(R, self.threshold, self.consensus == "energy", self.sides, self.rtol)
+                per_layer = sum(ranks) * (d_out + (d_in if self.sides == 2 else 0)) * self.dtype.itemsize
+                size = max(1, CHUNK_BYTES // per_layer)
+                for start in range(0, len(names), size):
+                    chunk = names[start : start + size]
+                    results = glora_batch([updates[n] for n in chunk], w, opts, self.dtype)
+                    for n, res in zip(chunk, results, strict=True):
+                        if res is None:
+                            out[n] = self.aggregate(updates[n], weights, previous.get(n))
+                        else:
+                            out[n] = self._state(*res, updates[n])
+        return out  # type: ignore[return-value]
+
+    def _batch_key(self, updates: Sequence[LowRank], previous: LayerState | None) -> tuple | None:
+        """What a layer is batched by, (d_out, d_in, client ranks, client dtype), or None where it
+        goes through ``aggregate``: malformed input (which ``aggregate`` reports), a previous
+        state to blend, or more stacked columns than the Gram route saves on."""
+        if not updates or (self.memory > 0 and isinstance(previous, SpectralState)):
+            return None
+        d_out, d_in = updates[0].B.shape[0], updates[0].A.shape[-1]
+        for u in updates:
+            if u.B.ndim != 2 or u.A.ndim != 2 or u.B.shape[1] != u.A.shape[0] or u.shape != (d_out, d_in):
+                return None
+            if not math.isfinite(u.scale):
+                return None
+        ranks = tuple(u.rank for u in updates)
+        n = sum(ranks)
+        if n == 0 or n > d_out or (self.sides == 2 and n > d_in):
+            return None
+        return (d_out, d_in, ranks, updates[0].dtype)
 
     def _stack(self, updates: list[LowRank], weights: Tensor) -> _Stacked:
         forms = [u.canonical(self.rtol, self.dtype) for u in updates]

@@ -1,0 +1,584 @@
+"""Server cost of every aggregation rule: time, peak memory and traffic of one round.
+
+    .venv/bin/python benchmarks/aggregation.py            # the full benchmark, writes results/bench/
+    .venv/bin/python benchmarks/aggregation.py --quick    # a small smoke run (seconds)
+    glora bench [same options]                            # the same script
+
+One round = the server aggregates every client's update of every adapted layer
+(``rule.aggregate_layers``), computes what all clients merge into their base weights
+(``state.merge()``, once), and reads out the adapter of each client
+(``state.readout(rank, scale)`` for every layer). Each case runs in a fresh worker
+process, which generates the clients' float32 factors once and runs every rule on them:
+
+- time: the median of up to ``--repeats`` warm rounds (as many as fit in ``--budget``
+  seconds, at least one) after a first, cold round; a rule whose cold round takes longer
+  than ``--slow`` seconds is reported from that one round;
+- memory: the peak resident memory of the process during the first round, above the
+  resident memory just before it (inputs included in the baseline, freed heap memory
+  handed back to the kernel first), read from the kernel's high-water mark;
+- traffic: bytes per client, counted from the tensors: up, the factors the rule's client
+  plan sends; down, what every client merges (FLoRA's stacked pair, FedEx-LoRA's dense
+  residual, ...) plus the factors of its readout the plan exchanges, except a fresh
+  seeded adapter (B = 0), which the client draws itself;
+- the floor: a plain weighted sum of every client factor into a zero-padded
+  accumulator, the least any server rule can do (read everything once).
+
+A rule that needs equal ranks is run on unequal ones too, and its ValueError reported.
+A whole model is first timed on one layer of each shape; when that predicts more than
+``--cap`` seconds, the round is reported as per-layer time x layer count, marked
+extrapolated, and not run; when the memory it predicts is more than the machine has
+free, it is refused with the numbers. A round still running after ``--cap`` seconds is
+stopped (the worker is killed) and reported as "> cap".
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from glora import LowRank
+from glora.aggregation import RULES, LayerState, Rule, get_rule, normalize_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA_ALPHA = 16.0  # scale = lora_alpha / r, as peft: clients of different ranks have different scales
+
+# Rule variants measured beside the registered rules: (registered name, options).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"glora-f32": ("glora", {"dtype": torch.float32})}
+FLOOR = "floor"
+
+
+# -- cases ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One server round to measure.
+
+    shapes: (module, d_out, d_in, layer count) per adapted module kind;
+    ranks: client ranks, assigned to the clients in turn; group: which sweep the case
+    belongs to ("d", "K" or "model").
+    """
+
+    name: str
+    group: str
+    shapes: tuple[tuple[str, int, int, int], ...]
+    clients: int
+    ranks: tuple[int, ...]
+    seed: int = 0
+
+    def client_ranks(self) -> list[int]:
+        return [self.ranks[i % len(self.ranks)] for i in range(self.clients)]
+
+    def layers(self) -> list[tuple[str, int, int]]:
+        """(layer name, d_out, d_in) of every adapted layer."""
+        return [(f"{m}.{j}", o, i) for m, o, i, count in self.shapes for j in range(count)]
+
+    @property
+    def n_layers(self) -> int:
+        return sum(s[3] for s in self.shapes)
+
+    def by_shape(self) -> dict[tuple[int, int], list[str]]:
+        """Layer names per distinct (d_out, d_in)."""
+        out: dict[tuple[int, int], list[str]] = {}
+        for name, d_out, d_in in self.layers():
+            out.setdefault((d_out, d_in), []).append(name)
+        return out
+
+    @property
+    def equal_ranks(self) -> bool:
+        return len(set(self.ranks)) == 1
+
+
+EQUAL = (8,)
+UNEQUAL = (4, 8, 16, 32, 64)  # the single-layer sweeps: ranks 4 to 64
+UNEQUAL_MODEL = (4, 8, 16)  # whole models: ranks up to 16
+
+
+def _rank_label(ranks: tuple[int, ...]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {min(ranks)}-{max(ranks)}"
+
+
+def layer_case(d_out: int, d_in: int, clients: int, ranks: tuple[int, ...], group: str) -> Case:
+    name = f"layer {d_out}x{d_in}, K={clients}, {_rank_label(ranks)}"
+    return Case(name, group, (("layer", d_out, d_in, 1),), clients, ranks)
+
+
+def model_case(model: str, shapes: tuple, clients: int, ranks: tuple[int, ...]) -> Case:
+    return Case(f"{model}, K={clients}, {_rank_label(ranks)}", "model", shapes, clients, ranks)
+
+
+ROBERTA_QV = (("query", 768, 768, 12), ("value", 768, 768, 12))
+LLAMA7B_QV = (("q_proj", 4096, 4096, 32), ("v_proj", 4096, 4096, 32))
+LLAMA7B_ALL = (
+    ("q_proj", 4096, 4096, 32),
+    ("k_proj", 4096, 4096, 32),
+    ("v_proj", 4096, 4096, 32),
+    ("o_proj", 4096, 4096, 32),
+    ("gate_proj", 11008, 4096, 32),
+    ("up_proj", 11008, 4096, 32),
+    ("down_proj", 4096, 11008, 32),
+)
+HEADLINE = model_case("LLaMA-7B q/v", LLAMA7B_QV, 50, UNEQUAL_MODEL).name
+
+
+def cases(quick: bool) -> list[Case]:
+    """The benchmark grid: single layers against d (K = 50) and against K (d = 2048: at 4096
+    FlexLoRA's dense SVD alone would eat the time budget), equal and unequal ranks, and three
+    whole models. ``quick``: a miniature of the same grid."""
+    out: list[Case] = []
+    if quick:
+        for ranks in (EQUAL, UNEQUAL):
+            out += [layer_case(d, d, 10, ranks, "d") for d in (256, 512)]
+            out += [layer_case(512, 512, k, ranks, "K") for k in (5, 20)]
+        return [*out, model_case("tiny q/v", (("q", 256, 256, 4), ("v", 256, 256, 4)), 10, UNEQUAL_MODEL)]
+    for ranks in (EQUAL, UNEQUAL):
+        out += [layer_case(d, d, 50, ranks, "d") for d in (1024, 2048, 4096, 8192)]
+        out.append(layer_case(4096, 11008, 50, ranks, "d"))
+        out += [layer_case(2048, 2048, k, ranks, "K") for k in (10, 100)]
+    for ranks in (EQUAL, UNEQUAL_MODEL):
+        out.append(model_case("RoBERTa-base q/v", ROBERTA_QV, 50, ranks))
+        out.append(model_case("LLaMA-7B q/v", LLAMA7B_QV, 50, ranks))
+        # K = 10: at K = 50 the clients' factors of all 224 layers alone are 4.6 GB.
+        out.append(model_case("LLaMA-7B all linear", LLAMA7B_ALL, 10, ranks))
+    return out
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+@dataclass
+class Round:
+    """The clients' uploads of one round: updates[layer][client], weights (example counts)."""
+
+    updates: dict[str, list[LowRank]]
+    weights: list[float]
+    ranks: list[int]
+    scales: list[float]
+
+    def subset(self, names: list[str]) -> Round:
+        return Round({n: self.updates[n] for n in names}, self.weights, self.ranks, self.scales)
+
+
+def make_round(case: Case) -> Round:
+    """Gaussian float32 factors: B at the scale of a trained LoRA B, A at a LoRA init's."""
+    g = torch.Generator().manual_seed(case.seed)
+    ranks = case.client_ranks()
+    scales = [LORA_ALPHA / r for r in ranks]
+    weights = torch.randint(100, 1000, (case.clients,), generator=g).double().tolist()
+    updates = {
+        name: [
+            LowRank(
+                torch.randn(d_out, r, generator=g).mul_(0.01),
+                torch.randn(r, d_in, generator=g).mul_(d_in**-0.5),
+                s,
+            )
+            for r, s in zip(ranks, scales, strict=True)
+        ]
+        for name, d_out, d_in in case.layers()
+    }
+    return Round(updates, weights, ranks, scales)
+
+
+def with_shared_A(rnd: Round) -> Round:
+    """The same round for a rule whose clients train B only: every client holds the same A
+    (its own copy of it, as received)."""
+    updates = {n: [LowRank(u.B, ups[0].A.clone(), u.scale) for u in ups] for n, ups in rnd.updates.items()}
+    return Round(updates, rnd.weights, rnd.ranks, rnd.scales)
+
+
+# -- the measured work ----------------------------------------------------------------------------
+def server_round(rule: Rule, rnd: Round) -> dict[str, LayerState]:
+    """Aggregate every layer, compute the merges once, read out every client's adapter."""
+    states = rule.aggregate_layers(rnd.updates, rnd.weights)
+    merges = [s.merge() for s in states.values()]
+    for r, s in zip(rnd.ranks, rnd.scales, strict=True):
+        adapter = {n: st.readout(r, s) for n, st in states.items()}
+        del adapter  # sent, and dropped: the server holds one client's adapter at a time
+    del merges
+    return states
+
+
+def floor_round(rnd: Round) -> None:
+    """Read every client factor once: a weighted sum into zero-padded (d_out, r_max) and
+    (r_max, d_in) accumulators, layer by layer."""
+    w = normalize_weights(rnd.weights, len(rnd.ranks)).tolist()
+    r_max = max(rnd.ranks)
+    for ups in rnd.updates.values():
+        B = torch.zeros(ups[0].d_out, r_max)
+        A = torch.zeros(r_max, ups[0].d_in)
+        for wi, u in zip(w, ups, strict=True):
+            B[:, : u.rank].add_(u.B, alpha=wi)
+            A[: u.rank].add_(u.A, alpha=wi)
+
+
+def _nbytes(x: LowRank | torch.Tensor | None, factors: frozenset[str]) -> int:
+    if x is None:
+        return 0
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return sum(t.numel() * t.element_size() for f, t in (("B", x.B), ("A", x.A)) if f in factors)
+
+
+def traffic(rule: Rule, rnd: Round, states: dict[str, LayerState]) -> tuple[float, float]:
+    """Mean bytes per client sent up and down in this round (see the module docstring)."""
+    plan = rule.client_plan(1)
+    both = frozenset({"A", "B"})
+    up = [sum(_nbytes(ups[i], plan.send) for ups in rnd.updates.values()) for i in range(len(rnd.ranks))]
+    merged = sum(_nbytes(s.merge(), both) for s in states.values())
+    down = []
+    for r, s in zip(rnd.ranks, rnd.scales, strict=True):
+        total = merged
+        for st in states.values():
+            out = st.readout(r, s)
+            fresh = st.merge() is not None and not bool(out.B.any())
+            total += 0 if fresh else _nbytes(out, plan.send - plan.personal)
+        down.append(total)
+    return statistics.mean(up), statistics.mean(down)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+class PeakMemory:
+    """Peak resident memory of this process above a baseline.
+
+    Linux keeps the high-water mark of the resident set (VmHWM) and lets a process reset it
+    (writing 5 to /proc/self/clear_refs): exact, and no sampling thread to miss a short
+    peak. Before the baseline, freed heap memory is handed back (malloc_trim), so that a
+    round cannot hide its allocations in memory an earlier round left resident."""
+
+    def __init__(self) -> None:
+        self.base = 0
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"/proc/self/status has no {field}")
+
+    def start(self) -> None:
+        gc.collect()
+        if LIBC is not None:
+            LIBC.malloc_trim(0)
+        self.base = self._status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def peak(self) -> int:
+        return self._status("VmHWM") - self.base
+
+    def now(self) -> int:
+        return self._status("VmRSS") - self.base
+
+
+def measure(fn: Callable[[], Any], slow_s: float, repeats: int, budget_s: float) -> tuple[dict[str, Any], Any]:
+    """Time and memory of ``fn``: one cold run (memory; and the time, if it took longer than
+    ``slow_s``), then up to ``repeats`` warm runs, as many as fit in ``budget_s`` (at least
+    one), whose median is the time. Returns (numbers, the last run's result)."""
+    mem = PeakMemory()
+    mem.start()
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    numbers: dict[str, Any] = {"peak_bytes": mem.peak(), "retained_bytes": mem.now(), "first_seconds": first}
+    times = [first]
+    if first < slow_s and repeats > 0:
+        times = []
+        while len(times) < repeats and (not times or sum(times) + times[-1] <= budget_s):
+            del out
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+    numbers.update(seconds=statistics.median(times), runs=len(times), cold=times == [first])
+    return numbers, out
+
+
+# -- the worker: one case, every rule -------------------------------------------------------------
+def build_rule(name: str) -> Rule:
+    base, options = VARIANTS.get(name, (name, {}))
+    return get_rule(base, **options)
+
+
+def rule_names() -> list[str]:
+    """Every registered rule, with the variants after their base rule."""
+    out = []
+    for name in RULES:
+        out.append(name)
+        out += [v for v, (base, _) in VARIANTS.items() if base == name]
+    return out
+
+
+def skip_reason(rule: Rule) -> str | None:
+    """Why a registered rule has no server round to measure, or None."""
+    if rule.pooled:
+        return "reference point (pools all data into one client): no federated server round"
+    if not rule.client_plan(1).send:
+        return "reference point (clients send nothing): no server round"
+    return None
+
+
+def run_rule(name: str, case: Case, rnd: Round, args: argparse.Namespace) -> dict[str, Any]:
+    """One rule on one case, as a result record."""
+    if name == FLOOR:
+        numbers, _ = measure(lambda: floor_round(rnd), args.slow, args.repeats, args.budget)
+        received = sum(_nbytes(u, frozenset({"A", "B"})) for ups in rnd.updates.values() for u in ups)
+        return {"status": "measured", **numbers, "received_bytes": received}
+    rule = build_rule(name)
+    reason = skip_reason(rule)
+    if reason:
+        return {"status": "skipped", "note": reason}
+    plan = rule.client_plan(1)
+    if plan.send == frozenset({"B"}) and case.equal_ranks:  # unequal ranks: the rule's own error
+        rnd = with_shared_A(rnd)
+    received = sum(_nbytes(u, plan.send) for ups in rnd.updates.values() for u in ups)
+    try:
+        if case.group == "model":
+            result = _run_model(rule, case, rnd, args)
+        else:
+            numbers, states = measure(lambda: server_round(rule, rnd), args.slow, args.repeats, args.budget)
+            up, down = traffic(rule, rnd, states)
+            result = {"status": "measured", **numbers, "up_bytes": up, "down_bytes": down}
+    except ValueError as e:
+        return {"status": "refused", "note": f"ValueError: {_first_sentence(e)}"}
+    except (RuntimeError, MemoryError) as e:  # an allocation the memory limit refuses
+        if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        return {"status": "refused", "note": f"out of memory: {_first_sentence(e)}"}
+    return {**result, "received_bytes": received}
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0]
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def _run_model(rule: Rule, case: Case, rnd: Round, args: argparse.Namespace) -> dict[str, Any]:
+    """A whole model: time one layer of each shape first; run the whole round only if that
+    predicts it within the time cap and the free memory, else extrapolate or refuse."""
+    per_shape = []  # (layer count, seconds, peak, retained, up, down) for one layer of each shape
+    for names in case.by_shape().values():
+        sample = rnd.subset(names[:1])
+        numbers, states = measure(lambda sample=sample: server_round(rule, sample), float("inf"), 0, 0.0)
+        up, down = traffic(rule, sample, states)
+        per_shape.append((len(names), numbers["seconds"], numbers["peak_bytes"], numbers["retained_bytes"], up, down))
+        del states
+    seconds = sum(c * t for c, t, *_ in per_shape)
+    # Every layer's state stays alive until the round ends; the one being computed adds its peak.
+    peak = max(p for _, _, p, _, _, _ in per_shape) + sum((c - 1) * max(r, 0) for c, _, _, r, _, _ in per_shape)
+    up = sum(c * u for c, *_, u, _ in per_shape)
+    down = sum(c * d for c, *_, d in per_shape)
+    free = psutil.virtual_memory().available
+    sampled = f"one layer of each shape timed ({len(per_shape)} of {case.n_layers}), x layer count"
+    if seconds > args.cap:
+        note = f"extrapolated: {sampled} (predicted > {args.cap:g} s cap)"
+        return {"status": "extrapolated", "seconds": seconds, "runs": 1, "peak_bytes": peak, "up_bytes": up,
+                "down_bytes": down, "note": note}
+    if peak > 0.8 * free:
+        note = f"refused: needs ~{peak / 2**30:.1f} GiB ({sampled}), {free / 2**30:.1f} GiB free"
+        return {"status": "refused", "seconds": seconds, "peak_bytes": peak, "up_bytes": up, "down_bytes": down,
+                "note": note}
+    numbers, states = measure(lambda: server_round(rule, rnd), args.slow, args.repeats, args.budget)
+    up, down = traffic(rule, rnd, states)
+    return {"status": "measured", **numbers, "up_bytes": up, "down_bytes": down}
+
+
+def _limit_memory() -> None:
+    """Cap this worker's address space at what it uses now plus the memory free now, so that
+    a dense rule that cannot fit fails its allocation (and is reported) instead of pushing
+    the machine, which others share, into the kernel's out-of-memory killer."""
+    import resource
+
+    used = psutil.Process().memory_info().vms
+    limit = used + psutil.virtual_memory().available
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def worker(task: dict[str, Any]) -> None:
+    """Run the rules of one case and print one JSON line per event (see ``run_case``)."""
+    args = argparse.Namespace(**task["args"])
+    torch.set_num_threads(args.threads)
+    case = Case(**{**task["case"], "shapes": tuple(map(tuple, task["case"]["shapes"])),
+                   "ranks": tuple(task["case"]["ranks"])})
+    t0 = time.perf_counter()
+    rnd = make_round(case)
+    _emit({"event": "ready", "seconds": time.perf_counter() - t0})
+    _limit_memory()
+    for name in task["rules"]:
+        _emit({"event": "start", "rule": name})
+        _emit({"event": "result", "rule": name, **run_rule(name, case, rnd, args)})
+
+
+def _emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+# -- the parent: cases in workers, time caps, output ----------------------------------------------
+def run_case(case: Case, rules: list[str], args: argparse.Namespace, log: Callable[[str], None]) -> list[dict]:
+    """Every rule on ``case`` in worker processes; a rule past the cap gets its worker killed
+    and the remaining rules a fresh worker."""
+    results: list[dict] = []
+    pending = list(rules)
+    while pending:
+        task = {"case": asdict(case), "rules": pending, "args": {**vars(args), "out": str(args.out)}}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=worker_env())
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+        current, started = None, time.perf_counter()
+        # A round may take up to the cap, plus its warm rounds (--budget), plus slack; a whole
+        # model also times its sample layers first (up to the cap: else it extrapolates).
+        limit = args.cap * (2 if case.group == "model" else 1) + args.budget + 10
+        while pending:
+            wait = None if current is None else max(0.1, limit - (time.perf_counter() - started))
+            try:
+                line = lines.get(timeout=wait)
+            except queue.Empty:
+                proc.kill()
+                proc.wait()
+                if case.group == "model":
+                    # The layers of one shape cost alike, so the model takes at least
+                    # (fewest layers of a shape) x (the time the sample did not finish in).
+                    fewest = min(len(v) for v in case.by_shape().values())
+                    bound = fewest * limit
+                    note = (f"stopped at the time cap: one layer of each shape did not finish within {limit:.0f} s; "
+                            f"lower bound {fewest} x {limit:.0f} s")
+                else:
+                    bound, note = limit, f"stopped at the time cap: one round did not finish within {limit:.0f} s"
+                results.append({"rule": current, "status": "time cap", "seconds": bound, "note": note})
+                log(f"  {current:<12} > {limit:.0f} s (stopped)")
+                pending.remove(current)
+                break
+            if line is None:
+                raise RuntimeError(f"worker for {case.name!r} exited with {proc.wait()} while running {current}")
+            record = json.loads(line)
+            if record["event"] == "start":
+                current, started = record["rule"], time.perf_counter()
+            elif record["event"] == "result":
+                record.pop("event")
+                results.append(record)
+                pending.remove(record["rule"])
+                current = None
+                log(f"  {_describe(record)}")
+        else:
+            proc.wait()
+    return results
+
+
+def worker_env() -> dict[str, str]:
+    """The workers' environment: OpenMP threads that sleep while they wait (unless set
+    otherwise). On a machine whose cores other jobs share, spinning threads wait for a
+    descheduled partner at every parallel region, which made small factorisations up to
+    100x slower in our runs; passive waiting costs a fraction of that on an idle machine."""
+    return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+
+
+def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
+    for line in proc.stdout:
+        if line.startswith("{"):
+            lines.put(line)
+    lines.put(None)
+
+
+def _describe(r: dict) -> str:
+    if r.get("seconds") is None:
+        return f"{r['rule']:<12} {r['status']}: {r.get('note', '')}"
+    mem = f"{r['peak_bytes'] / 2**20:9.1f} MiB" if r.get("peak_bytes") is not None else ""
+    return f"{r['rule']:<12} {r['seconds']:9.4f} s {mem}  {r['status']} {r.get('note', '')}"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def git_commit() -> str:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    paths = ["src/glora/aggregation", "src/glora/lowrank.py", "benchmarks/aggregation.py",
+             "benchmarks/aggregation_report.py"]
+    return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--", *paths) else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a miniature grid, for a smoke test")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--cap", type=float, default=20.0, help="time cap of one round, seconds")
+    parser.add_argument("--slow", type=float, default=15.0, help="a cold round longer than this is not repeated")
+    parser.add_argument("--repeats", type=int, default=3, help="most warm rounds after the cold one")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of warm rounds per rule and case")
+    parser.add_argument("--rules", default="", help="comma-separated rules (default: every registered rule)")
+    parser.add_argument("--cases", default="", help="only cases whose name contains one of these (comma-separated)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench", help="output folder")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()] or rule_names()
+    unknown = [r for r in rules if r not in RULES and r not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown rules {unknown}; known: {', '.join(rule_names())}")
+    grid = cases(args.quick)
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",")]
+        grid = [c for c in grid if any(w in c.name for w in wanted)]
+    from aggregation_report import write_report
+
+    command = "python benchmarks/aggregation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {"command": command.strip(), "commit": git_commit(), "threads": args.threads,
+            "omp_wait_policy": worker_env()["OMP_WAIT_POLICY"], "cap_s": args.cap,
+            "slow_s": args.slow, "repeats": args.repeats, "budget_s": args.budget, "machine": machine(),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    t0 = time.perf_counter()
+    results = []
+    for i, case in enumerate(grid, 1):
+        print(f"[{i}/{len(grid)}] {case.name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for r in run_case(case, [FLOOR, *rules], args, lambda s: print(s, flush=True)):
+            results.append({"case": case.name, "group": case.group, **asdict(case), **r})
+    meta["total_seconds"] = round(time.perf_counter() - t0, 1)
+    paths = write_report({"meta": meta, "results": results}, args.out, HEADLINE)
+    print(f"done in {meta['total_seconds']:.0f} s: " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
