@@ -24,7 +24,7 @@ import torch
 
 pytest.importorskip("flwr", reason="the Flower app needs the optional extra: pip install -e '.[flower]'")
 
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -32,9 +32,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from glora.aggregation import RULES, average_params, get_rule
 from glora.federation.config import RunConfig
 from glora.federation.simulation import Federation
+from glora.flower import client_app
+from glora.flower.client_app import node_identity
 from glora.flower.config import FlowerOptions, from_run_config, run_config_overrides, to_run_config
 from glora.flower.records import decode_factors, decode_head, encode
+from glora.flower.server_app import run_server
 from glora.flower.strategy import NodeClient, RuleStrategy, discover_nodes
+from glora.flower.training import OWN
 from glora.lowrank import LowRank, lora_init_A
 from glora.models.lora import LoraSettings
 
@@ -71,7 +75,8 @@ class FakeGrid(Grid):
     """Nodes answering in-process: each node "trains" by adding seeded noise to what it
     received (a real node's replies, without the backbone), or misbehaves as told.
 
-    ``faults[(round, node_id)]``: "nan", "shape", "no-count", "error" or "silent".
+    ``faults[(round, node_id)]``: "nan", "shape", "thaw" (changes a frozen factor),
+    "no-count", "error" or "silent".
     """
 
     def __init__(self, node_ids, examples, faults=None, rule="glora"):
@@ -136,6 +141,9 @@ class FakeGrid(Grid):
             B = sent["layer.0.value"].B.clone()
             B[0, 0] = float("nan")
             sent["layer.0.value"] = LowRank(B, sent["layer.0.value"].A, 2.0)
+        if fault == "thaw":
+            f = sent["layer.0.query"]
+            sent["layer.0.query"] = LowRank(f.B, f.A + 0.01, f.scale)
         if fault == "shape":
             f = sent["layer.0.query"]
             sent["layer.0.query"] = LowRank(f.B[:, :1], f.A[:1], 2.0)
@@ -248,6 +256,31 @@ def test_strategy_refuses_bad_setup():
         RuleStrategy("glora", nodes, init_adapters([2, 4]), initial_head(), SETTINGS.scale)
     with pytest.raises(ValueError, match="rank 8 but no initial adapter"):
         RuleStrategy("glora", [NodeClient(1, 0, 8)], init_adapters([2]), initial_head(), SETTINGS.scale)
+
+
+def test_a_node_that_trains_a_frozen_factor_is_left_out(task_identity, caplog):
+    # FFA-LoRA freezes A: a node that sends back a changed A breaks the rule's exactness.
+    strategy = make_strategy("ffa-lora", [4, 4, 4])
+    ids = [n.node_id for n in strategy.nodes]
+    grid = FakeGrid(ids, {n: 20 for n in ids}, {(1, ids[2]): "thaw"}, "ffa-lora")
+    with caplog.at_level(logging.WARNING, logger="flwr.glora"):
+        strategy.start(grid, ArrayRecord(initial_head()), num_rounds=1)
+    assert "left out client 2 (node 102): layer layer.0.query: the rule freezes A this round" in caplog.text
+    assert strategy.last_record["clients"] == [0, 1]
+
+
+def test_node_identity_from_node_config():
+    run_config = to_run_config(RunConfig(clients=3, ranks="2,4"))
+    assert node_identity(run_config, {"partition-id": 2, "num-partitions": 3}).rank == 2  # the list, in turn
+    assert node_identity(run_config, {"partition-id": 1, "num-partitions": 3, "rank": 16}).rank == 16
+    with pytest.raises(ValueError, match="lacks partition-id / num-partitions: start the SuperNode with"):
+        node_identity(run_config, {})
+    with pytest.raises(ValueError, match="num-partitions=2 but the run config has clients=3"):
+        node_identity(run_config, {"partition-id": 0, "num-partitions": 2})
+    with pytest.raises(ValueError, match=r"partition-id=3 is outside 0..2"):
+        node_identity(run_config, {"partition-id": 3, "num-partitions": 3})
+    with pytest.raises(ValueError, match="rank=0: a LoRA rank must be >= 1"):
+        node_identity(run_config, {"partition-id": 0, "num-partitions": 3, "rank": 0})
 
 
 def test_run_config_round_trip_and_pyproject_lists_every_key():
@@ -435,6 +468,44 @@ def assert_same_run(flower: Path, reference: Path) -> float:
         assert math.isclose(ra["train_loss"], rb["train_loss"], rel_tol=RTOL)
     print(f"largest relative difference of a layer's global update: {worst:.3e} (tolerance {RTOL})")
     return worst
+
+
+class LoopbackGrid(FakeGrid):
+    """The real ClientApp behind a grid without a network: each message goes to
+    ``client_app.app`` with that node's Context (its node config and persistent state), an
+    exception becomes an error reply as Flower makes it. Everything but the transport runs."""
+
+    def __init__(self, run_config: dict, node_configs: dict[int, dict]):
+        super().__init__(list(node_configs), {})
+        self.run_config, self.node_configs = run_config, node_configs
+        self.states = {n: RecordDict() for n in node_configs}
+
+    def answer(self, msg):
+        n = msg.metadata.dst_node_id
+        context = Context(1, n, self.node_configs[n], self.states[n], self.run_config)
+        try:
+            return client_app.app(msg, context)
+        except Exception as e:
+            return Message(Error(code=2, reason=f"{type(e)}:<'{e}'>"), reply_to=msg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["flora", "fedsa-lora"])
+def test_the_app_runs_rules_that_merge_or_keep_personal_factors_like_the_in_process_run(tmp_path, task_identity, rule):
+    # FLoRA merges into the base weights (the nodes get the offsets each round); FedSA-LoRA
+    # keeps B and the head on the node (in context.state) and reports the personal models.
+    cfg = REFERENCE.replace(rule=rule, ranks="4" if rule == "fedsa-lora" else "2,4", local_steps=2)
+    Federation(cfg, tmp_path / "reference", progress=False).run()
+    run_config = to_run_config(cfg, FlowerOptions(str(tmp_path / "flower")))
+    grid = LoopbackGrid(
+        run_config, {11: {"partition-id": 0, "num-partitions": 2}, 7: {"partition-id": 1, "num-partitions": 2}}
+    )
+    summary = run_server(grid, run_config, run_id=1)
+    assert_same_run(tmp_path / "flower", tmp_path / "reference")
+    reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    assert summary["final"] == reference["final"] and summary["final_personal"] == reference["final_personal"]
+    if rule == "fedsa-lora":
+        assert all(OWN in state for state in grid.states.values())
 
 
 @pytest.mark.slow
