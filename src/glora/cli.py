@@ -241,5 +241,19 @@ def report(
     Console().print(f"wrote {len(written)} files: {written['report.md']}, {written['report.csv']}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Server cost of every aggregation rule: time, memory and traffic of one round (runs
+    benchmarks/aggregation.py with these arguments; `glora bench --help` lists them)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "aggregation.py"
+    if not script.exists():
+        typer.echo(f"error: {script} not found; glora bench runs from a source checkout (pip install -e .)", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
 if __name__ == "__main__":
     app()
