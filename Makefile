@@ -29,5 +29,8 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+bench: setup
+	$(BIN)/python benchmarks/aggregation.py
+
 clean:
 	rm -rf $(VENV)
