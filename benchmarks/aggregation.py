@@ -154,8 +154,9 @@ def cases(quick: bool) -> list[Case]:
     for ranks in (EQUAL, UNEQUAL_MODEL):
         out.append(model_case("RoBERTa-base q/v", ROBERTA_QV, 50, ranks))
         out.append(model_case("LLaMA-7B q/v", LLAMA7B_QV, 50, ranks))
-        # K = 10: at K = 50 the clients' factors of all 224 layers alone are 4.6 GB.
-        out.append(model_case("LLaMA-7B all linear", LLAMA7B_ALL, 10, ranks))
+    # K = 10: at K = 50 the clients' factors of all 224 layers alone are 4.6 GB. Equal ranks
+    # only, to keep the run within its time budget: every rule can run there.
+    out.append(model_case("LLaMA-7B all linear", LLAMA7B_ALL, 10, EQUAL))
     return out
 
 
@@ -295,16 +296,20 @@ class PeakMemory:
         return self._status("VmRSS") - self.base
 
 
-def measure(fn: Callable[[], Any], slow_s: float, repeats: int, budget_s: float) -> tuple[dict[str, Any], Any]:
+def measure(
+    fn: Callable[[], Any], slow_s: float, repeats: int, budget_s: float, on_cold: Callable[[], None] = lambda: None
+) -> tuple[dict[str, Any], Any]:
     """Time and memory of ``fn``: one cold run (memory; and the time, if it took longer than
     ``slow_s``), then up to ``repeats`` warm runs, as many as fit in ``budget_s`` (at least
-    one), whose median is the time. Returns (numbers, the last run's result)."""
+    one), whose median is the time. ``on_cold`` is called after the cold run. Returns
+    (numbers, the last run's result)."""
     mem = PeakMemory()
     mem.start()
     t0 = time.perf_counter()
     out = fn()
     first = time.perf_counter() - t0
     numbers: dict[str, Any] = {"peak_bytes": mem.peak(), "retained_bytes": mem.now(), "first_seconds": first}
+    on_cold()
     times = [first]
     if first < slow_s and repeats > 0:
         times = []
@@ -359,7 +364,7 @@ def run_rule(name: str, case: Case, rnd: Round, args: argparse.Namespace) -> dic
         if case.group == "model":
             result = _run_model(rule, case, rnd, args)
         else:
-            numbers, states = measure(lambda: server_round(rule, rnd), args.slow, args.repeats, args.budget)
+            numbers, states = measure(lambda: server_round(rule, rnd), args.slow, args.repeats, args.budget, _cold)
             up, down = traffic(rule, rnd, states)
             result = {"status": "measured", **numbers, "up_bytes": up, "down_bytes": down}
     except ValueError as e:
@@ -372,8 +377,9 @@ def run_rule(name: str, case: Case, rnd: Round, args: argparse.Namespace) -> dic
 
 
 def _first_sentence(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0]
-    return text if len(text) < 200 else text[:197] + "..."
+    """The message's first clause (before "; " or a newline), at most 120 characters."""
+    text = str(e).strip().splitlines()[0].split("; ")[0]
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _run_model(rule: Rule, case: Case, rnd: Round, args: argparse.Namespace) -> dict[str, Any]:
@@ -393,15 +399,16 @@ def _run_model(rule: Rule, case: Case, rnd: Round, args: argparse.Namespace) -> 
     down = sum(c * d for c, *_, d in per_shape)
     free = psutil.virtual_memory().available
     sampled = f"one layer of each shape timed ({len(per_shape)} of {case.n_layers}), x layer count"
-    if seconds > args.cap:
-        note = f"extrapolated: {sampled} (predicted > {args.cap:g} s cap)"
-        return {"status": "extrapolated", "seconds": seconds, "runs": 1, "peak_bytes": peak, "up_bytes": up,
-                "down_bytes": down, "note": note}
     if peak > 0.8 * free:
         note = f"refused: needs ~{peak / 2**30:.1f} GiB ({sampled}), {free / 2**30:.1f} GiB free"
         return {"status": "refused", "seconds": seconds, "peak_bytes": peak, "up_bytes": up, "down_bytes": down,
                 "note": note}
-    numbers, states = measure(lambda: server_round(rule, rnd), args.slow, args.repeats, args.budget)
+    if seconds > args.cap:
+        note = f"extrapolated: {sampled} (predicted > {args.cap:g} s cap)"
+        return {"status": "extrapolated", "seconds": seconds, "runs": 1, "peak_bytes": peak, "up_bytes": up,
+                "down_bytes": down, "note": note}
+    _emit({"event": "full"})
+    numbers, states = measure(lambda: server_round(rule, rnd), args.slow, args.repeats, args.budget, _cold)
     up, down = traffic(rule, rnd, states)
     return {"status": "measured", **numbers, "up_bytes": up, "down_bytes": down}
 
@@ -427,9 +434,26 @@ def worker(task: dict[str, Any]) -> None:
     rnd = make_round(case)
     _emit({"event": "ready", "seconds": time.perf_counter() - t0})
     _limit_memory()
+    _warm_libraries()
     for name in task["rules"]:
         _emit({"event": "start", "rule": name})
         _emit({"event": "result", "rule": name, **run_rule(name, case, rnd, args)})
+
+
+def _warm_libraries() -> None:
+    """One tiny round of GLoRA and FlexLoRA before any measurement: the first call of each
+    LAPACK routine allocates its workspace and thread buffers once per process, which is not
+    the cost of a round (and would dominate the memory of the small cases)."""
+    g = torch.Generator().manual_seed(1)
+    tiny = Round({"w": [LowRank(torch.randn(24, r, generator=g), torch.randn(r, 16, generator=g), 1.0)
+                        for r in (2, 3)]}, [1.0, 2.0], [2, 3], [1.0, 1.0])
+    for name in ("glora", "glora-f32", "flexlora"):
+        if name in RULES or name in VARIANTS:
+            server_round(build_rule(name), tiny)
+
+
+def _cold() -> None:
+    _emit({"event": "cold"})
 
 
 def _emit(record: dict[str, Any]) -> None:
@@ -448,44 +472,52 @@ def run_case(case: Case, rules: list[str], args: argparse.Namespace, log: Callab
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=worker_env())
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
-        current, started = None, time.perf_counter()
-        # A round may take up to the cap, plus its warm rounds (--budget), plus slack; a whole
-        # model also times its sample layers first (up to the cap: else it extrapolates).
-        limit = args.cap * (2 if case.group == "model" else 1) + args.budget + 10
+        current, phase, started, deadline = None, "", time.perf_counter(), None
         while pending:
-            wait = None if current is None else max(0.1, limit - (time.perf_counter() - started))
+            wait = None if deadline is None else max(0.1, deadline - time.perf_counter())
             try:
                 line = lines.get(timeout=wait)
             except queue.Empty:
                 proc.kill()
                 proc.wait()
-                if case.group == "model":
-                    # The layers of one shape cost alike, so the model takes at least
-                    # (fewest layers of a shape) x (the time the sample did not finish in).
-                    fewest = min(len(v) for v in case.by_shape().values())
-                    bound = fewest * limit
-                    note = (f"stopped at the time cap: one layer of each shape did not finish within {limit:.0f} s; "
-                            f"lower bound {fewest} x {limit:.0f} s")
-                else:
-                    bound, note = limit, f"stopped at the time cap: one round did not finish within {limit:.0f} s"
-                results.append({"rule": current, "status": "time cap", "seconds": bound, "note": note})
-                log(f"  {current:<12} > {limit:.0f} s (stopped)")
+                results.append({"rule": current, "status": "time cap", **_stopped(case, phase, started)})
+                log(f"  {_describe(results[-1])}")
                 pending.remove(current)
                 break
             if line is None:
                 raise RuntimeError(f"worker for {case.name!r} exited with {proc.wait()} while running {current}")
             record = json.loads(line)
-            if record["event"] == "start":
-                current, started = record["rule"], time.perf_counter()
-            elif record["event"] == "result":
-                record.pop("event")
+            event, now = record.pop("event"), time.perf_counter()
+            if event == "start":  # a whole model first times one layer of each shape, in up to 4 caps
+                current, started = record["rule"], now
+                phase = "sample" if case.group == "model" else "cold"
+                deadline = now + args.cap * (4 if case.group == "model" else 1)
+            elif event == "full":  # the whole model, predicted to take at most the cap
+                phase, started, deadline = "cold", now, now + 2 * args.cap
+            elif event == "cold":  # warm rounds, within the budget, and the traffic count
+                phase, deadline = "warm", now + args.budget + args.cap + 10
+            elif event == "result":
                 results.append(record)
                 pending.remove(record["rule"])
-                current = None
+                current, deadline = None, None
                 log(f"  {_describe(record)}")
         else:
             proc.wait()
     return results
+
+
+def _stopped(case: Case, phase: str, started: float) -> dict[str, Any]:
+    """The record of a rule stopped at the time cap in ``phase``, with a lower bound of its time."""
+    spent = time.perf_counter() - started
+    if phase == "sample":
+        # The layers of one shape cost alike, so the model takes at least
+        # (fewest layers of a shape) x (the time its sample layers did not finish in).
+        fewest = min(len(v) for v in case.by_shape().values())
+        note = (f"stopped at the time cap: one layer of each shape did not finish within {spent:.0f} s; "
+                f"lower bound {fewest} x {spent:.0f} s")
+        return {"seconds": fewest * spent, "note": note}
+    what = "its warm rounds" if phase == "warm" else "one round"
+    return {"seconds": spent, "note": f"stopped at the time cap: {what} did not finish within {spent:.0f} s"}
 
 
 def worker_env() -> dict[str, str]:
@@ -545,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="most warm rounds after the cold one")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of warm rounds per rule and case")
     parser.add_argument("--rules", default="", help="comma-separated rules (default: every registered rule)")
-    parser.add_argument("--cases", default="", help="only cases whose name contains one of these (comma-separated)")
+    parser.add_argument("--cases", default="", help="only cases whose name contains one of these ('|'-separated)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench", help="output folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -560,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown rules {unknown}; known: {', '.join(rule_names())}")
     grid = cases(args.quick)
     if args.cases:
-        wanted = [c.strip() for c in args.cases.split(",")]
+        wanted = [c.strip() for c in args.cases.split("|")]
         grid = [c for c in grid if any(w in c.name for w in wanted)]
     from aggregation_report import write_report
 

@@ -13,6 +13,11 @@ import matplotlib.pyplot as plt
 
 MIB = 2**20
 REFERENCE = "glora"  # the rule the other times are compared with
+STYLES = {  # the lines the plots are about stand out; every other rule gets a tab10 colour
+    "floor": {"color": "black", "ls": "--", "lw": 1.5},
+    "glora": {"color": "crimson", "lw": 2.5},
+    "glora-f32": {"color": "crimson", "ls": ":", "lw": 2.0},
+}
 
 
 def write_report(data: dict[str, Any], out: Path, headline: str) -> list[Path]:
@@ -124,8 +129,9 @@ def markdown(data: dict[str, Any], headline: str, plots: list[str]) -> str:
         "x glora: the same time divided by the floor's and by GLoRA's "
         "(default options, float64 server math).",
         "- floor: a plain weighted sum of every client factor, read once: no rule can do less.",
-        "- `~`: extrapolated from one layer of each shape times the layer count; `>`: a lower bound "
-        f"(stopped at the time cap of about {meta['cap_s']:g} s).",
+        "- `~`: extrapolated from one layer of each shape times the layer count (a whole model whose "
+        f"round that predicts above the {meta['cap_s']:g} s cap); `>`: a lower bound (a round stopped at "
+        f"the cap; a whole model's layer samples get {4 * meta['cap_s']:g} s).",
         "- peak extra memory: the process's resident peak during the cold round, above its resident memory "
         "before it (the inputs); x received: that peak over the bytes of the factors the rule receives.",
         "- up / down: mean bytes per client (down: merges plus readout factors the plan exchanges; a fresh "
@@ -147,7 +153,9 @@ def plot(results: list[dict], group: str, path: Path) -> Path | None:
         return None
     x_of = (lambda r: r["shapes"][0][1]) if group == "d" else (lambda r: r["clients"])
     rules = list(dict.fromkeys(r["rule"] for r in rows))
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(rules)}
+    others = iter(plt.get_cmap("tab10").colors * 2)
+    style = {name: STYLES.get(name, {"color": next(others), "lw": 1.2}) for name in rules}
+    handles = {}
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
     for col, equal in enumerate((True, False)):
         for name in rules:
@@ -157,10 +165,11 @@ def plot(results: list[dict], group: str, path: Path) -> Path | None:
                 good = [(x, r[key] / (MIB if key == "peak_bytes" else 1)) for x, r in pts
                         if r["status"] == "measured" and r.get(key) is not None and r[key] > 0]
                 if good:
-                    ax.plot(*zip(*good, strict=True), "o-", color=colors[name], label=name, ms=4)
+                    (handles[name],) = ax.plot(*zip(*good, strict=True), marker="o", ms=4, label=name, **style[name])
                 capped = [(x, r["seconds"]) for x, r in pts if r["status"] == "time cap"]
                 if capped and key == "seconds":
-                    ax.plot(*zip(*capped, strict=True), "^", color=colors[name], ms=8, mfc="none")
+                    (mark,) = ax.plot(*zip(*capped, strict=True), "^", color=style[name]["color"], ms=8, mfc="none")
+                    handles.setdefault(name, mark)
         axes[0, col].set_title(("equal ranks" if equal else "unequal ranks") + " (^: lower bound, time cap)")
     d, k = rows[0]["shapes"][0][1], rows[0]["clients"]
     xlabel = f"d (layer d x d), K = {k}" if group == "d" else f"K (clients), layer {d} x {d}"
@@ -172,7 +181,7 @@ def plot(results: list[dict], group: str, path: Path) -> Path | None:
         axes[1, col].set_xlabel(xlabel)
     axes[0, 0].set_ylabel("round time (s)")
     axes[1, 0].set_ylabel("peak extra memory (MiB)")
-    axes[0, 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[0, 1].legend(list(handles.values()), list(handles), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(f"One server round against {'d' if group == 'd' else 'K'} (log-log)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
