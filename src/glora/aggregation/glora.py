@@ -78,7 +78,7 @@ class GLoRA(Rule):
         threshold: float | None = None,
         consensus: Consensus = "projector",
         sides: int = 1,
-        readout_gauge: ReadoutGauge = "balanced",
+        readout_gauge: ReadoutGauge = "a-normal",
         memory: float = 0.0,
         restart: bool = False,
         dtype: torch.dtype = torch.float64,
