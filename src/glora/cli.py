@@ -8,11 +8,17 @@ from typing import Any
 
 import typer
 
-from glora.federation.config import RANK_DISTRIBUTIONS, RunConfig
+from glora.federation.config import RANK_DISTRIBUTIONS, TASK_DEFAULTS, RunConfig
 
 _D = RunConfig()
+_S = TASK_DEFAULTS["superni"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning with GLoRA.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",  # "rich" would read "[default: ...]" in help texts as markup and drop it
+    help="Federated LoRA fine-tuning with GLoRA.",
+)
 
 
 @app.callback()
@@ -61,11 +67,15 @@ def run(
         [], "--rule-option", help="Rule option key=value, repeatable (e.g. rank=16, readout_gauge=a-normal)."
     ),
     backbone: str | None = typer.Option(
-        None, help=f"minilm, mpnet, a Hugging Face model folder or a hub id. [default: {_D.backbone}]"
+        None,
+        help=f"minilm, mpnet (GLUE), smollm2 (superni), a Hugging Face model folder or a hub id. "
+        f"[default: {_D.backbone}; superni: {_S['backbone']}]",
     ),
     clients: int | None = typer.Option(None, help=f"Number of clients. [default: {_D.clients}]"),
     alpha: float | None = typer.Option(
-        None, help=f"Dirichlet label-skew concentration (> 0; smaller is more skewed). [default: {_D.alpha}]"
+        None,
+        help=f"Dirichlet label-skew concentration (> 0; smaller is more skewed). [default: {_D.alpha}; superni: none, "
+        "clients split by task]",
     ),
     iid: bool = typer.Option(False, "--iid", help="IID partition instead of Dirichlet label skew."),
     ranks: str | None = typer.Option(
@@ -73,20 +83,41 @@ def run(
         help=f"Client LoRA ranks: one rank, a list assigned in turn, or {'/'.join(RANK_DISTRIBUTIONS)}. "
         f"[default: {_D.ranks}]",
     ),
-    rounds: int | None = typer.Option(None, help=f"Server rounds. [default: {_D.rounds}]"),
+    rounds: int | None = typer.Option(
+        None,
+        help=f"Server rounds; 0 evaluates the untuned backbone (zero-shot). [default: {_D.rounds}; superni: "
+        f"{_S['rounds']}]",
+    ),
     fraction: float | None = typer.Option(
         None, help=f"Fraction of clients sampled per round. [default: {_D.fraction}]"
     ),
-    local_steps: int | None = typer.Option(None, help=f"Local optimiser steps per round. [default: {_D.local_steps}]"),
+    local_steps: int | None = typer.Option(
+        None, help=f"Local optimiser steps per round. [default: {_D.local_steps}; superni: {_S['local_steps']}]"
+    ),
     local_epochs: float | None = typer.Option(None, help="Local epochs per round (replaces --local-steps)."),
-    batch_size: int | None = typer.Option(None, help=f"Local batch size. [default: {_D.batch_size}]"),
-    lr: float | None = typer.Option(None, help=f"AdamW learning rate of the LoRA factors. [default: {_D.lr}]"),
+    batch_size: int | None = typer.Option(
+        None, help=f"Local batch size. [default: {_D.batch_size}; superni: {_S['batch_size']}]"
+    ),
+    lr: float | None = typer.Option(
+        None, help=f"AdamW learning rate of the LoRA factors. [default: {_D.lr}; superni: {_S['lr']}]"
+    ),
     head_lr: float | None = typer.Option(None, help="Learning rate of the classification head. [default: --lr]"),
     max_length: int | None = typer.Option(
-        None, help=f"Max tokens per example (dynamic padding). [default: {_D.max_length}]"
+        None, help=f"Max tokens per example (dynamic padding). [default: {_D.max_length}; superni: {_S['max_length']}]"
     ),
     eval_every: int | None = typer.Option(
-        None, help=f"Evaluate every E rounds (and at the end). [default: {_D.eval_every}]"
+        None, help=f"Evaluate every E rounds (and at the end). [default: {_D.eval_every}; superni: --rounds]"
+    ),
+    eval_batch_size: int | None = typer.Option(
+        None,
+        help=f"Evaluation batch size (superni: generation). [default: {_D.eval_batch_size}; superni: "
+        f"{_S['eval_batch_size']}]",
+    ),
+    eval_ranks: bool | None = typer.Option(
+        None,
+        "--eval-ranks/--no-eval-ranks",
+        help="Also evaluate the model each client rank receives (unequal ranks). "
+        f"[default: {_D.eval_ranks}; superni: {_S['eval_ranks']}]",
     ),
     max_train_examples: int | None = typer.Option(
         None, help="Cap on the pooled training set (seeded sample). [default: all]"
@@ -101,7 +132,9 @@ def run(
     ),
     rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scale lora_alpha / sqrt(r)."),
     target_modules: str | None = typer.Option(
-        None, help=f"Comma-separated module names to adapt. [default: {','.join(_D.target_modules)}]"
+        None,
+        help=f"Comma-separated module names to adapt, or all-linear. [default: {','.join(_D.target_modules)}; "
+        f"superni: {','.join(_S['target_modules'])}]",
     ),
     seed: int | None = typer.Option(
         None, help=f"Seed of everything (partition, init, sampling, batches). [default: {_D.seed}]"
@@ -113,7 +146,41 @@ def run(
     hub: bool = typer.Option(
         False, "--hub", help="Load the data from the Hugging Face hub (online) instead of --data-dir."
     ),
-    out: Path | None = typer.Option(None, help="Run folder. [default: runs/<task>-<rule>-<config hash>]"),
+    superni_tasks_per_client: int | None = typer.Option(
+        None, help=f"SuperNI: training tasks per client. [default: {_D.superni_tasks_per_client}]"
+    ),
+    superni_by_category: bool = typer.Option(
+        False, "--superni-by-category", help="SuperNI: each client holds every training task of one category."
+    ),
+    superni_train_tasks: str | None = typer.Option(
+        None, help="SuperNI: comma-separated training tasks to draw the clients' tasks from. [default: all 687]"
+    ),
+    superni_test_tasks: str | None = typer.Option(
+        None, help="SuperNI: comma-separated unseen tasks to draw from. [default: the 103 official test tasks]"
+    ),
+    superni_eval_tasks: str | None = typer.Option(
+        None, help=f"SuperNI: unseen tasks scored (spread over categories), or all. [default: {_D.superni_eval_tasks}]"
+    ),
+    superni_eval_instances: int | None = typer.Option(
+        None, help=f"SuperNI: instances per unseen task. [default: {_D.superni_eval_instances}]"
+    ),
+    superni_seen_instances: int | None = typer.Option(
+        None,
+        help=f"SuperNI: held-out instances per client task (seen score; 0: none). "
+        f"[default: {_D.superni_seen_instances}]",
+    ),
+    superni_num_examples: int | None = typer.Option(
+        None, help=f"SuperNI: positive examples per prompt (0 allowed). [default: {_D.superni_num_examples}]"
+    ),
+    superni_max_target_length: int | None = typer.Option(
+        None,
+        help=f"SuperNI: target tokens trained on (the prompt gets --max-length minus this). "
+        f"[default: {_D.superni_max_target_length}]",
+    ),
+    superni_max_new_tokens: int | None = typer.Option(
+        None, help=f"SuperNI: cap on generated tokens. [default: {_D.superni_max_new_tokens}]"
+    ),
+    out: Path | None = typer.Option(None, help="Run folder. [default: runs/TASK-RULE-CONFIGHASH]"),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run in --out from its last checkpoint."
     ),
@@ -142,6 +209,8 @@ def run(
         "head_lr": head_lr,
         "max_length": max_length,
         "eval_every": eval_every,
+        "eval_batch_size": eval_batch_size,
+        "eval_ranks": eval_ranks,
         "max_train_examples": max_train_examples,
         "max_eval_examples": max_eval_examples,
         "weighting": weighting,
@@ -150,13 +219,25 @@ def run(
         "threads": threads,
         "data_dir": data_dir,
         "target_modules": tuple(target_modules.split(",")) if target_modules else None,
+        "superni_tasks_per_client": superni_tasks_per_client,
+        "superni_train_tasks": superni_train_tasks,
+        "superni_test_tasks": superni_test_tasks,
+        "superni_eval_instances": superni_eval_instances,
+        "superni_seen_instances": superni_seen_instances,
+        "superni_num_examples": superni_num_examples,
+        "superni_max_target_length": superni_max_target_length,
+        "superni_max_new_tokens": superni_max_new_tokens,
     }
-    flags = {"random_gauge": random_gauge, "rslora": rslora}
+    flags = {"random_gauge": random_gauge, "rslora": rslora, "superni_by_category": superni_by_category}
     try:
-        cfg = RunConfig.from_toml(config) if config else RunConfig()
-        cfg = cfg.replace(
-            **{k: v for k, v in given.items() if v is not None}, **{k: True for k, v in flags.items() if v}
-        )
+        if superni_eval_tasks is not None:
+            given["superni_eval_tasks"] = _count_or_all("--superni-eval-tasks", superni_eval_tasks)
+        # One dict, then from_dict: the task's defaults fill whatever neither the file nor
+        # the command line sets.
+        values = RunConfig.read_toml(config) if config else {}
+        values.update({k: v for k, v in given.items() if v is not None})
+        values.update({k: True for k, v in flags.items() if v})
+        cfg = RunConfig.from_dict(values)
         if iid:
             cfg = cfg.replace(alpha=None)
         if hub:
@@ -169,6 +250,16 @@ def run(
         Console(stderr=True).print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     print_summary(summary, folder)
+
+
+def _count_or_all(option: str, text: str) -> int | None:
+    """A positive count, or None for 'all'."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: give a number of tasks or 'all'") from None
 
 
 def _csv(text: str | None, kind: type = str) -> list | None:
@@ -253,6 +344,14 @@ def bench(ctx: typer.Context) -> None:
         typer.echo(f"error: {script} not found; glora bench runs from a source checkout (pip install -e .)", err=True)
         raise typer.Exit(2)
     raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
+@app.command()
+def table(folders: list[Path] = typer.Argument(..., help="Run folders (of `glora run`).")) -> None:
+    """A markdown table of individual runs: metric at each evaluated round, per rank, cost."""
+    from glora.experiments.runs_table import runs_markdown
+
+    typer.echo(runs_markdown(folders), nl=False)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class RunConfig:
     lora_alpha_per_rank: float = 2.0
     rslora: bool = False
     target_modules: tuple[str, ...] = ("query", "value")
-    rounds: int = 20
+    rounds: int = 15
     fraction: float = 1.0  # clients sampled per round
     local_steps: int = 10
     local_epochs: float | None = None  # if set, replaces local_steps by epochs over the client's data
@@ -57,6 +57,17 @@ class RunConfig:
     threads: int = 2
     data_dir: str | None = None
     data_source: str = "local"  # or "hub"
+    # SuperNI (task "superni"; TASK_DEFAULTS gives its values of the fields above).
+    superni_tasks_per_client: int = 1  # distinct training tasks per client (1: FlexLoRA's protocol)
+    superni_by_category: bool = False  # each client holds every training task of one category
+    superni_train_tasks: str = ""  # comma-separated pool the clients' tasks are drawn from ("": all 687)
+    superni_test_tasks: str = ""  # comma-separated pool of unseen tasks ("": the 103 official test tasks)
+    superni_eval_tasks: int | None = 20  # unseen tasks evaluated, spread over categories (None: all)
+    superni_eval_instances: int = 20  # instances per unseen task
+    superni_seen_instances: int = 5  # held-out instances per client task, for the seen score (0: none)
+    superni_num_examples: int = 2  # positive examples in each prompt
+    superni_max_target_length: int = 32  # target tokens trained on; the prompt gets max_length minus this
+    superni_max_new_tokens: int = 32  # cap on generated tokens at evaluation
 
     # -- derived ------------------------------------------------------------------------------
     def client_ranks(self) -> list[int]:
@@ -75,24 +86,70 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """A config from plain values; fields left out take the task's defaults
+        (:data:`TASK_DEFAULTS`), then the dataclass defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
-        d = dict(d)
+        d = {**task_defaults(d.get("task", cls.task), d), **d}
+        for key in ("superni_train_tasks", "superni_test_tasks"):
+            if isinstance(d.get(key), list):
+                d[key] = ",".join(d[key])
         if "target_modules" in d:
             d["target_modules"] = tuple(d["target_modules"])
         if "ranks" in d and not isinstance(d["ranks"], str):
             d["ranks"] = ",".join(str(r) for r in (d["ranks"] if isinstance(d["ranks"], list) else [d["ranks"]]))
         return cls(**d)
 
+    @staticmethod
+    def read_toml(path: Path) -> dict[str, Any]:
+        """The values of a run's TOML file, unresolved (see :meth:`from_dict`)."""
+        with Path(path).open("rb") as f:
+            return tomllib.load(f)
+
     @classmethod
     def from_toml(cls, path: Path) -> RunConfig:
-        with Path(path).open("rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        return cls.from_dict(cls.read_toml(path))
+
+    @classmethod
+    def for_task(cls, task: str, **values: Any) -> RunConfig:
+        """The config of ``task`` with its defaults, and ``values`` on top."""
+        return cls.from_dict({"task": task, **values})
 
     def replace(self, **changes: Any) -> RunConfig:
+        """Changed fields, nothing else: changing the task does not apply its defaults (use for_task)."""
         return dataclasses.replace(self, **changes)
+
+
+# Defaults that differ by task family (the dataclass defaults are GLUE's). SuperNI: the
+# SmolLM2 backbone with LoRA on its attention projections, clients split by task (no label
+# skew), and a budget sized for this 2-core machine: 10 clients x 5 rounds x 5 steps of
+# about 6.5 s (one core), plus one evaluation of about 4 min (README, "Instruction tuning on
+# SuperNI"; results/superni_defaults.md has the measurements and the learning-rate probe).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "superni": {
+        "backbone": "smollm2",
+        "target_modules": ("q_proj", "v_proj"),
+        "alpha": None,
+        "rounds": 5,
+        "local_steps": 5,
+        "batch_size": 4,
+        "lr": 5e-4,
+        "max_length": 256,
+        "eval_batch_size": 16,
+        "eval_ranks": False,
+    },
+}
+
+
+def task_defaults(task: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of ``task`` for fields not in ``given``. SuperNI evaluates only at the end
+    unless told otherwise (an evaluation is minutes of generation): eval_every = rounds."""
+    out = dict(TASK_DEFAULTS.get(task, {}))
+    if task == "superni" and "eval_every" not in given:
+        out["eval_every"] = max(1, int(given.get("rounds", out["rounds"])))
+    return out
 
 
 def parse_ranks(spec: str, clients: int, seed: int = 0) -> list[int]:

@@ -58,9 +58,14 @@ def check_config(cfg: RunConfig) -> Rule:
     rule = get_rule(cfg.rule, **cfg.rule_options)
     if cfg.alpha is not None and cfg.alpha <= 0:
         raise ValueError(f"--alpha must be > 0 (Dirichlet concentration), got {cfg.alpha}; omit it for IID")
+    if cfg.rounds < 0:
+        raise ValueError(f"--rounds must be >= 0 (0: evaluate the untuned backbone only), got {cfg.rounds}")
+    if cfg.task == "superni":
+        from glora.federation.superni_task import check_superni_config
+
+        check_superni_config(cfg)
     for name, value in (
         ("clients", cfg.clients),
-        ("rounds", cfg.rounds),
         ("local-steps", cfg.local_steps),
         ("batch-size", cfg.batch_size),
         ("eval-every", cfg.eval_every),
@@ -414,6 +419,30 @@ class Federation:
         self.store.append_metrics(record)
         self.store.save_checkpoint({"state": st, "config": cfg.to_dict()})
 
+    def evaluate_untuned(self, st: ServerState) -> None:
+        """``--rounds 0``: the zero-shot reference. Evaluates the backbone as loaded (no
+        adapter) and stores it as round 0, with an all-zero adapter as the export, so the run
+        folder has the files of any other run."""
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {
+            "round": 0,
+            "clients": [],
+            "train_loss": None,
+            "server_seconds": 0.0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "bytes_up_per_client": 0.0,
+            "bytes_down_per_client": 0.0,
+        }
+        with self.model.dense_update({}, self.ranks[0], st.head) as m:
+            record["eval"] = self.task.evaluate(m)
+        self.export(st)
+        record["round_seconds"] = time.perf_counter() - t0
+        record["peak_rss_mb"] = peak_rss_mb()
+        st.elapsed = time.perf_counter() - self.started
+        self.store.append_metrics(record)
+        self.store.save_checkpoint({"state": st, "config": self.cfg.to_dict()})
+
     def finish(self, st: ServerState) -> dict[str, Any]:
         """Write and return the run's summary."""
         summary = self._summary(st)
@@ -436,6 +465,9 @@ class Federation:
             if self.progress
             else nullcontext()
         )
+        if cfg.rounds == 0 and not self.store.metrics():
+            self.evaluate_untuned(st)
+            self.console.print(eval_line(0, self.store.metrics()[-1], self.task.main_metric))
         with prog as bar:
             bar = bar if self.progress else None
             rounds_id = (
@@ -456,8 +488,8 @@ class Federation:
     def export(self, st: ServerState) -> None:
         """The final global model as a peft adapter folder (+ head) relative to the pretrained weights."""
         totals = {}
-        for n, s in st.layers.items():
-            d = s.delta().float()
+        for n, shape in self.model.layer_shapes().items():
+            d = st.layers[n].delta().float() if st.layers else torch.zeros(shape)  # no layers: no round ran
             totals[n] = d if st.base_offsets is None else d + st.base_offsets[n]
         export_adapter(self.store.path(ADAPTER), self.task.fresh_model(), totals, st.head, self.task.lora)
 
@@ -497,6 +529,8 @@ def eval_line(t: int, record: dict[str, Any], metric: str) -> str:
         line += "  by rank: " + ", ".join(f"r{r} {m[metric]:.4f}" for r, m in record["eval_by_rank"].items())
     if "eval_personal" in record:
         line += f"  personal {record['eval_personal'][metric]:.4f}"
+    if record["train_loss"] is None:
+        return line + "  (untuned backbone)"
     return line + f"  (loss {record['train_loss']:.4f})"
 
 

@@ -109,6 +109,7 @@ def load_causal_lm(name_or_path: str = "smollm2", dtype: str = "float32"):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a weights bar on every load would interleave with the run's bars
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}: use a torch dtype name such as 'float32' or 'bfloat16'")
     path = resolve_causal_lm(name_or_path)

@@ -46,10 +46,13 @@ class LoraSettings:
         return self.alpha(rank) / (math.sqrt(rank) if self.rslora else rank)
 
     def config(self, rank: int) -> LoraConfig:
+        # peft takes its "all-linear" shorthand (every linear layer but the output head) only
+        # as a plain string, never inside a list.
+        targets = "all-linear" if self.target_modules == ("all-linear",) else list(self.target_modules)
         return LoraConfig(
             r=rank,
             lora_alpha=self.alpha(rank),
-            target_modules=list(self.target_modules),
+            target_modules=targets,
             lora_dropout=self.dropout,
             use_rslora=self.rslora,
             modules_to_save=list(self.head_modules) or None,
