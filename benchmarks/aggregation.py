@@ -24,11 +24,12 @@ process, which generates the clients' float32 factors once and runs every rule o
   accumulator, the least any server rule can do (read everything once).
 
 A rule that needs equal ranks is run on unequal ones too, and its ValueError reported.
-A whole model is first timed on one layer of each shape; when that predicts more than
-``--cap`` seconds, the round is reported as per-layer time x layer count, marked
-extrapolated, and not run; when the memory it predicts is more than the machine has
-free, it is refused with the numbers. A round still running after ``--cap`` seconds is
-stopped (the worker is killed) and reported as "> cap".
+A whole model is first timed on one layer of each shape (within ``--sample-cap``
+seconds); when the memory that predicts (the sampled peak plus every other layer's state,
+counted from its tensors) is more than the machine has free, it is refused with the
+numbers; when the time it predicts is more than ``--cap`` seconds, the round is reported
+as per-layer time x layer count, marked extrapolated, and not run. A round still running
+at its cap is stopped (the worker process is killed) and reported as a lower bound.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -151,11 +152,12 @@ def cases(quick: bool) -> list[Case]:
         out += [layer_case(d, d, 50, ranks, "d") for d in (1024, 2048, 4096, 8192)]
         out.append(layer_case(4096, 11008, 50, ranks, "d"))
         out += [layer_case(2048, 2048, k, ranks, "K") for k in (10, 100)]
-    for ranks in (EQUAL, UNEQUAL_MODEL):
-        out.append(model_case("RoBERTa-base q/v", ROBERTA_QV, 50, ranks))
-        out.append(model_case("LLaMA-7B q/v", LLAMA7B_QV, 50, ranks))
-    # K = 10: at K = 50 the clients' factors of all 224 layers alone are 4.6 GB. Equal ranks
-    # only, to keep the run within its time budget: every rule can run there.
+    # Whole models, kept to three so that the run stays within its 15 minutes: the query/value
+    # models with unequal ranks (the heterogeneous setting GLoRA is for; the equal-rank rules
+    # report their ValueError), all linear layers with equal ranks (every rule can run), at
+    # K = 10 there: at K = 50 the clients' factors of its 224 layers alone are 4.6 GB.
+    out.append(model_case("RoBERTa-base q/v", ROBERTA_QV, 50, UNEQUAL_MODEL))
+    out.append(model_case("LLaMA-7B q/v", LLAMA7B_QV, 50, UNEQUAL_MODEL))
     out.append(model_case("LLaMA-7B all linear", LLAMA7B_ALL, 10, EQUAL))
     return out
 
@@ -232,6 +234,17 @@ def _nbytes(x: LowRank | torch.Tensor | None, factors: frozenset[str]) -> int:
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
     return sum(t.numel() * t.element_size() for f, t in (("B", x.B), ("A", x.A)) if f in factors)
+
+
+def state_bytes(states: dict[str, LayerState]) -> int:
+    """Bytes of the tensors the states hold (directly or in a LowRank): what the server keeps
+    per layer until the round ends."""
+    total = 0
+    for st in states.values():
+        for f in fields(st):
+            v = getattr(st, f.name)
+            total += _nbytes(v, frozenset({"A", "B"})) if isinstance(v, torch.Tensor | LowRank) else 0
+    return total
 
 
 def traffic(rule: Rule, rnd: Round, states: dict[str, LayerState]) -> tuple[float, float]:
@@ -385,16 +398,18 @@ def _first_sentence(e: BaseException) -> str:
 def _run_model(rule: Rule, case: Case, rnd: Round, args: argparse.Namespace) -> dict[str, Any]:
     """A whole model: time one layer of each shape first; run the whole round only if that
     predicts it within the time cap and the free memory, else extrapolate or refuse."""
-    per_shape = []  # (layer count, seconds, peak, retained, up, down) for one layer of each shape
+    per_shape = []  # (layer count, seconds, peak, state bytes, up, down) for one layer of each shape
     for names in case.by_shape().values():
         sample = rnd.subset(names[:1])
         numbers, states = measure(lambda sample=sample: server_round(rule, sample), float("inf"), 0, 0.0)
         up, down = traffic(rule, sample, states)
-        per_shape.append((len(names), numbers["seconds"], numbers["peak_bytes"], numbers["retained_bytes"], up, down))
+        held = state_bytes(states)
+        per_shape.append((len(names), numbers["seconds"], numbers["peak_bytes"], held, up, down))
         del states
     seconds = sum(c * t for c, t, *_ in per_shape)
-    # Every layer's state stays alive until the round ends; the one being computed adds its peak.
-    peak = max(p for _, _, p, _, _, _ in per_shape) + sum((c - 1) * max(r, 0) for c, _, _, r, _, _ in per_shape)
+    # Every layer's state (its tensors) stays alive until the round ends; the layer being
+    # computed adds its own peak.
+    peak = max(p for _, _, p, _, _, _ in per_shape) + sum((c - 1) * h for c, _, _, h, _, _ in per_shape)
     up = sum(c * u for c, *_, u, _ in per_shape)
     down = sum(c * d for c, *_, d in per_shape)
     free = psutil.virtual_memory().available
@@ -424,20 +439,23 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def worker(task: dict[str, Any]) -> None:
-    """Run the rules of one case and print one JSON line per event (see ``run_case``)."""
-    args = argparse.Namespace(**task["args"])
+def serve(args: argparse.Namespace) -> None:
+    """Run cases read from stdin (one JSON line each: the case and its rules) and print one
+    JSON line per event (see ``Worker``); one process serves case after case until the
+    parent stops it at a time cap."""
     torch.set_num_threads(args.threads)
-    case = Case(**{**task["case"], "shapes": tuple(map(tuple, task["case"]["shapes"])),
-                   "ranks": tuple(task["case"]["ranks"])})
-    t0 = time.perf_counter()
-    rnd = make_round(case)
-    _emit({"event": "ready", "seconds": time.perf_counter() - t0})
     _limit_memory()
     _warm_libraries()
-    for name in task["rules"]:
-        _emit({"event": "start", "rule": name})
-        _emit({"event": "result", "rule": name, **run_rule(name, case, rnd, args)})
+    for line in sys.stdin:
+        task = json.loads(line)
+        case = Case(**{**task["case"], "shapes": tuple(map(tuple, task["case"]["shapes"])),
+                       "ranks": tuple(task["case"]["ranks"])})
+        rnd = make_round(case)
+        for name in task["rules"]:
+            _emit({"event": "start", "rule": name})
+            _emit({"event": "result", "rule": name, **run_rule(name, case, rnd, args)})
+        del rnd
+        _emit({"event": "done"})
 
 
 def _warm_libraries() -> None:
@@ -461,37 +479,68 @@ def _emit(record: dict[str, Any]) -> None:
 
 
 # -- the parent: cases in workers, time caps, output ----------------------------------------------
-def run_case(case: Case, rules: list[str], args: argparse.Namespace, log: Callable[[str], None]) -> list[dict]:
-    """Every rule on ``case`` in worker processes; a rule past the cap gets its worker killed
-    and the remaining rules a fresh worker."""
+class Worker:
+    """A worker process and its event stream (JSON lines on its stdout)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(_worker_args(args))]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=worker_env()
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(self.proc, self.lines), daemon=True).start()
+
+    def send(self, case: Case, rules: list[str]) -> None:
+        self.proc.stdin.write(json.dumps({"case": asdict(case), "rules": rules}) + "\n")
+        self.proc.stdin.flush()
+
+    def next(self, timeout: float | None) -> dict[str, Any]:
+        """The next event; queue.Empty after ``timeout`` seconds."""
+        line = self.lines.get(timeout=timeout)
+        if line is None:
+            raise RuntimeError(f"a benchmark worker exited with status {self.proc.wait()}")
+        return json.loads(line)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _worker_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in ("threads", "cap", "slow", "repeats", "budget")}
+
+
+def run_case(
+    case: Case, rules: list[str], args: argparse.Namespace, worker: Worker | None, log: Callable[[str], None]
+) -> tuple[list[dict], Worker]:
+    """Every rule on ``case``; a rule past its time cap gets the worker killed and the remaining
+    rules a fresh one. Returns the results and the worker for the next case."""
     results: list[dict] = []
     pending = list(rules)
     while pending:
-        task = {"case": asdict(case), "rules": pending, "args": {**vars(args), "out": str(args.out)}}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=worker_env())
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+        worker = worker or Worker(args)
+        worker.send(case, pending)
         current, phase, started, deadline = None, "", time.perf_counter(), None
-        while pending:
+        while True:
             wait = None if deadline is None else max(0.1, deadline - time.perf_counter())
             try:
-                line = lines.get(timeout=wait)
+                record = worker.next(wait)
             except queue.Empty:
-                proc.kill()
-                proc.wait()
+                worker.kill()
+                worker = None
                 results.append({"rule": current, "status": "time cap", **_stopped(case, phase, started)})
                 log(f"  {_describe(results[-1])}")
                 pending.remove(current)
                 break
-            if line is None:
-                raise RuntimeError(f"worker for {case.name!r} exited with {proc.wait()} while running {current}")
-            record = json.loads(line)
             event, now = record.pop("event"), time.perf_counter()
-            if event == "start":  # a whole model first times one layer of each shape, in up to 4 caps
+            if event == "start":  # a whole model first times one layer of each shape
                 current, started = record["rule"], now
                 phase = "sample" if case.group == "model" else "cold"
-                deadline = now + args.cap * (4 if case.group == "model" else 1)
+                deadline = now + (args.sample_cap if case.group == "model" else args.cap)
             elif event == "full":  # the whole model, predicted to take at most the cap
                 phase, started, deadline = "cold", now, now + 2 * args.cap
             elif event == "cold":  # warm rounds, within the budget, and the traffic count
@@ -501,9 +550,9 @@ def run_case(case: Case, rules: list[str], args: argparse.Namespace, log: Callab
                 pending.remove(record["rule"])
                 current, deadline = None, None
                 log(f"  {_describe(record)}")
-        else:
-            proc.wait()
-    return results
+            elif event == "done":
+                break
+    return results, worker
 
 
 def _stopped(case: Case, phase: str, started: float) -> dict[str, Any]:
@@ -513,11 +562,11 @@ def _stopped(case: Case, phase: str, started: float) -> dict[str, Any]:
         # The layers of one shape cost alike, so the model takes at least
         # (fewest layers of a shape) x (the time its sample layers did not finish in).
         fewest = min(len(v) for v in case.by_shape().values())
-        note = (f"stopped at the time cap: one layer of each shape did not finish within {spent:.0f} s; "
-                f"lower bound {fewest} x {spent:.0f} s")
+        note = (f"stopped at the time cap: one layer of each shape did not finish within {spent:.3g} s; "
+                f"lower bound {fewest} x {spent:.3g} s")
         return {"seconds": fewest * spent, "note": note}
     what = "its warm rounds" if phase == "warm" else "one round"
-    return {"seconds": spent, "note": f"stopped at the time cap: {what} did not finish within {spent:.0f} s"}
+    return {"seconds": spent, "note": f"stopped at the time cap: {what} did not finish within {spent:.3g} s"}
 
 
 def worker_env() -> dict[str, str]:
@@ -572,17 +621,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a miniature grid, for a smoke test")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--cap", type=float, default=20.0, help="time cap of one round, seconds")
+    parser.add_argument("--cap", type=float, default=15.0, help="time cap of one round, seconds")
+    parser.add_argument(
+        "--sample-cap", type=float, default=80.0, help="time cap of a whole model's one-layer-per-shape timing"
+    )
     parser.add_argument("--slow", type=float, default=15.0, help="a cold round longer than this is not repeated")
     parser.add_argument("--repeats", type=int, default=3, help="most warm rounds after the cold one")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds of warm rounds per rule and case")
+    parser.add_argument("--budget", type=float, default=8.0, help="seconds of warm rounds per rule and case")
     parser.add_argument("--rules", default="", help="comma-separated rules (default: every registered rule)")
     parser.add_argument("--cases", default="", help="only cases whose name contains one of these ('|'-separated)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench", help="output folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(json.loads(args.worker))
+        serve(argparse.Namespace(**json.loads(args.worker)))
         return
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -598,15 +650,17 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python benchmarks/aggregation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"command": command.strip(), "commit": git_commit(), "threads": args.threads,
-            "omp_wait_policy": worker_env()["OMP_WAIT_POLICY"], "cap_s": args.cap,
+            "omp_wait_policy": worker_env()["OMP_WAIT_POLICY"], "cap_s": args.cap, "sample_cap_s": args.sample_cap,
             "slow_s": args.slow, "repeats": args.repeats, "budget_s": args.budget, "machine": machine(),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     t0 = time.perf_counter()
-    results = []
+    results, worker = [], None
     for i, case in enumerate(grid, 1):
         print(f"[{i}/{len(grid)}] {case.name} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for r in run_case(case, [FLOOR, *rules], args, lambda s: print(s, flush=True)):
-            results.append({"case": case.name, "group": case.group, **asdict(case), **r})
+        done, worker = run_case(case, [FLOOR, *rules], args, worker, lambda s: print(s, flush=True))
+        results += [{"case": case.name, "group": case.group, **asdict(case), **r} for r in done]
+    if worker is not None:
+        worker.close()
     meta["total_seconds"] = round(time.perf_counter() - t0, 1)
     paths = write_report({"meta": meta, "results": results}, args.out, HEADLINE)
     print(f"done in {meta['total_seconds']:.0f} s: " + ", ".join(str(p) for p in paths))

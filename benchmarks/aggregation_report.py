@@ -94,10 +94,11 @@ def headline_table(rows: dict[str, dict]) -> str:
         return f"| {label} | " + " | ".join(fn(c) if c else "-" for c in cols) + " |"
 
     flex_bound = flex is not None and flex["status"] == "time cap"
+    approx = "~" if flex is not None and flex["status"] == "extrapolated" else ""
     lines += [
         row("round time (s)", lambda c: _seconds(c)),
         row(f"FlexLoRA's time / this (target >= 100; FlexLoRA {_seconds(flex) if flex else '-'} s, "
-            f"{flex['status'] if flex else 'missing'})", lambda c: _x(_ratio(flex, c), flex_bound)),
+            f"{flex['status'] if flex else 'missing'})", lambda c: approx + _x(_ratio(flex, c), flex_bound)),
         row(f"this / floor (target <= 10; floor {_seconds(floor) if floor else '-'} s)",
             lambda c: _x(_ratio(c, floor))),
         row("peak extra memory / client factors received (target <= 2)",
@@ -131,7 +132,7 @@ def markdown(data: dict[str, Any], headline: str, plots: list[str]) -> str:
         "- floor: a plain weighted sum of every client factor, read once: no rule can do less.",
         "- `~`: extrapolated from one layer of each shape times the layer count (a whole model whose "
         f"round that predicts above the {meta['cap_s']:g} s cap); `>`: a lower bound (a round stopped at "
-        f"the cap; a whole model's layer samples get {4 * meta['cap_s']:g} s).",
+        f"the cap; a whole model's layer samples get {meta['sample_cap_s']:g} s).",
         "- peak extra memory: the process's resident peak during the cold round, above its resident memory "
         "before it (the inputs); x received: that peak over the bytes of the factors the rule receives.",
         "- up / down: mean bytes per client (down: merges plus readout factors the plan exchanges; a fresh "
