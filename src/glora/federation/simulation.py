@@ -57,7 +57,7 @@ def check_config(cfg: RunConfig) -> Rule:
     """Everything that can be checked before loading data or models; returns the rule."""
     rule = get_rule(cfg.rule, **cfg.rule_options)
     if cfg.alpha is not None and cfg.alpha <= 0:
-        raise ValueError(f"--alpha must be > 0 (Dirichlet concentration), got {cfg.alpha}; omit it for IID")
+        raise ValueError(f"--alpha must be > 0 (Dirichlet concentration), got {cfg.alpha}; use --iid for IID")
     if cfg.rounds < 0:
         raise ValueError(f"--rounds must be >= 0 (0: evaluate the untuned backbone only), got {cfg.rounds}")
     if cfg.task == "superni":
