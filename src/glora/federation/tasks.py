@@ -29,19 +29,15 @@ class FederatedTask(Protocol):
 
     def partition(self) -> list[np.ndarray]:
         """Indices of the training examples each client holds (a partition)."""
-        ...
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """A training batch (model inputs and labels) of the given examples."""
-        ...
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of ``model`` on the evaluation split."""
-        ...
 
     def fresh_model(self) -> nn.Module:
         """A new instance of the pretrained backbone (with its initial head), for export."""
-        ...
 
 
 class GlueTask:
