@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from glora import LowRank
+from glora.lowrank import random_gauge_matrix
 
 # The suite's matrices are small: one thread avoids oversubscription on a 2-core machine.
 torch.set_num_threads(1)
@@ -28,16 +29,9 @@ def make_updates(
 
 
 def random_gauges(updates, seed=1, cond_max=10.0) -> list[LowRank]:
-    """Each update in a random well-conditioned gauge G_i (singular values in [1, cond_max])."""
+    """Each update in a random well-conditioned gauge G_i (condition number cond_max)."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for u in updates:
-        r = u.rank
-        Q1, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
-        Q2, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
-        s = torch.linspace(1.0, cond_max, r, dtype=torch.float64)
-        out.append(u.gauge((Q1 * s) @ Q2.T))
-    return out
+    return [u.gauge(random_gauge_matrix(u.rank, g, cond=cond_max)) for u in updates]
 
 
 def weighted_mean(updates, weights) -> torch.Tensor:
