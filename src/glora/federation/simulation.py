@@ -276,6 +276,16 @@ def _head_bytes(head: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in head.values())
 
 
+def _merged_deltas(st: ServerState) -> dict[str, torch.Tensor | None]:
+    """Each layer's dense base merge of this round (None where the rule merges nothing),
+    computed once for all the models an evaluation builds on it."""
+    return {n: s.merged_delta() for n, s in st.layers.items()}
+
+
+def _plus(delta: torch.Tensor, merged: torch.Tensor | None) -> torch.Tensor:
+    return delta if merged is None else delta + merged
+
+
 class Federation:
     """One federated run: ``Federation(cfg, out_dir).run()``."""
 
@@ -341,13 +351,10 @@ class Federation:
             out["eval"] = self.task.evaluate(m)
         if self.cfg.eval_ranks and len(set(self.ranks)) > 1:
             out["eval_by_rank"] = {}
+            merged = _merged_deltas(st)
             for r in sorted(set(self.ranks)):
                 scale = self.model.settings.scale(r)
-                deltas = {}
-                for n, s in st.layers.items():
-                    d = s.readout(r, scale).delta()
-                    merged = s.merged_delta()
-                    deltas[n] = d if merged is None else d + merged
+                deltas = {n: _plus(s.readout(r, scale).delta(), merged[n]) for n, s in st.layers.items()}
                 with self.model.dense_update(deltas, head_rank, st.head) as m:
                     out["eval_by_rank"][str(r)] = self.task.evaluate(m)
         return out
@@ -355,11 +362,9 @@ class Federation:
     def _evaluate_personal(self, st: ServerState) -> dict[str, float]:
         """Mean over clients of each client's own model (its last trained factors and head)."""
         per_client = []
+        merged = _merged_deltas(st)
         for _, own in sorted(st.personal.items()):
-            deltas = {}
-            for n, f in own["factors"].items():
-                merged = st.layers[n].merged_delta()
-                deltas[n] = f.delta() if merged is None else f.delta() + merged
+            deltas = {n: _plus(f.delta(), merged[n]) for n, f in own["factors"].items()}
             with self.model.dense_update(deltas, own["rank"], own["head"]) as m:
                 per_client.append(self.task.evaluate(m))
         keys = per_client[0].keys()
