@@ -14,6 +14,7 @@ import numpy as np
 from scipy import stats
 from torch import Tensor
 
+from glora.data.arrays import as_vector
 from glora.data.glue import get_task
 
 ArrayLike = Sequence[float] | np.ndarray | Tensor
@@ -24,15 +25,6 @@ def main_metric(task: str) -> str:
     return get_task(task).main_metric
 
 
-def _as_array(x: ArrayLike, what: str) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise ValueError(f"{what} must be one-dimensional (one value per example); got shape {a.shape}")
-    return a
-
-
 def compute_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """The task's metrics for predictions (n,) against labels (n,).
 
@@ -41,8 +33,8 @@ def compute_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dic
     (scikit-learn's convention for the Matthews correlation), so scores stay comparable.
     """
     spec = get_task(task)
-    pred = _as_array(predictions, "predictions")
-    gold = _as_array(labels, "labels")
+    pred = as_vector(predictions, "predictions")
+    gold = as_vector(labels, "labels")
     if len(pred) != len(gold):
         raise ValueError(f"{len(pred)} predictions for {len(gold)} labels; they must be the same length")
     if len(pred) == 0:

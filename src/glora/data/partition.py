@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
+from glora.data.arrays import as_vector
+
 LabelsLike = Sequence[float] | np.ndarray | Tensor
 
 
@@ -26,15 +28,6 @@ def _check_clients(n: int, num_clients: int) -> None:
         raise ValueError(f"num_clients must be a positive integer; got {num_clients}")
     if num_clients > n:
         raise ValueError(f"more clients ({num_clients}) than examples ({n}); use at most {n} clients")
-
-
-def _as_labels(labels: LabelsLike) -> np.ndarray:
-    if isinstance(labels, Tensor):
-        labels = labels.detach().cpu().numpy()
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise ValueError(f"labels must be one-dimensional (one per example); got shape {y.shape}")
-    return y
 
 
 def iid_partition(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -50,7 +43,7 @@ def label_buckets(labels: LabelsLike, num_buckets: int = 5) -> np.ndarray:
     Float labels (STS-B's 0-5 similarity) are cut into ``num_buckets`` equal-width bins over
     [min, max], the maximum falling in the last bin; for STS-B that is [0,1), ..., [4,5].
     """
-    y = _as_labels(labels)
+    y = as_vector(labels, "labels")
     if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
         return y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.floating):
