@@ -140,6 +140,9 @@ def run(
         None, help=f"Seed of everything (partition, init, sampling, batches). [default: {_D.seed}]"
     ),
     threads: int | None = typer.Option(None, help=f"torch CPU threads. [default: {_D.threads}]"),
+    device: str | None = typer.Option(
+        None, help=f"Where the model runs: auto (CUDA when available), cpu, cuda, cuda:N. [default: {_D.device}]"
+    ),
     data_dir: str | None = typer.Option(
         None, envvar="GLORA_DATA_DIR", help="Data directory. [default: ../shared/data]"
     ),
@@ -217,6 +220,7 @@ def run(
         "eval_split": eval_split,
         "seed": seed,
         "threads": threads,
+        "device": device,
         "data_dir": data_dir,
         "target_modules": tuple(target_modules.split(",")) if target_modules else None,
         "superni_tasks_per_client": superni_tasks_per_client,
@@ -289,6 +293,11 @@ def sweep(
     only_settings: str | None = typer.Option(None, help="Only these settings, comma-separated."),
     threads: int | None = typer.Option(None, help="torch CPU threads per run (not part of a run's identity)."),
     progress: bool = typer.Option(True, help="Progress bars."),
+    lr_from: Path | None = typer.Option(
+        None,
+        help="Results folder of a tuning sweep (e.g. lr-tuning): its chosen learning rate per task, picked on "
+        "held-out training data, replaces the preset's in every run.",
+    ),
 ) -> None:
     """Run a preset's grid (rules x settings x tasks x seeds): finished runs are skipped,
     interrupted ones resumed, failing ones recorded; re-run the command to continue."""
@@ -307,6 +316,7 @@ def sweep(
             _csv(only_settings),
             threads,
             progress,
+            lr_from=lr_from,
         )
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}")

@@ -324,6 +324,19 @@ def print_plan(runs: list[PlannedRun], results_dir: Path, console: Console) -> f
     return left
 
 
+def with_tuned_lrs(runs: list[PlannedRun], lrs: dict[str, float], source: Path) -> list[PlannedRun]:
+    """The runs with each task's tuned learning rate; ValueError for a task the tuning lacks."""
+    missing = sorted({r.config.task for r in runs} - set(lrs))
+    if missing:
+        raise ValueError(
+            f"--lr-from {source} has no tuned learning rate for {', '.join(missing)} (it tuned "
+            f"{', '.join(sorted(lrs)) or 'nothing'}); tune those tasks too or leave them out with --only-tasks"
+        )
+    for run in runs:
+        run.config = run.config.replace(lr=lrs[run.config.task])
+    return runs
+
+
 def sweep_command(
     preset_arg: str,
     results: Path | None = None,
@@ -335,10 +348,17 @@ def sweep_command(
     threads: int | None = None,
     progress: bool = True,
     console: Console | None = None,
+    lr_from: Path | None = None,
 ) -> SweepOutcome | None:
-    """``glora sweep``: load, expand, then list (dry run) or run. Returns None for a dry run."""
+    """``glora sweep``: load, expand, then list (dry run) or run. Returns None for a dry run.
+    ``lr_from``: a tuning sweep's results folder whose chosen rate per task replaces the
+    preset's learning rate in every run (:mod:`glora.experiments.tuned`)."""
     preset = load_preset(preset_arg)
     runs = expand(preset, seeds=seeds, rules=rules, tasks=tasks, settings=settings)
+    if lr_from is not None:
+        from glora.experiments.tuned import tuned_lrs_from  # reads results through report, which imports this module
+
+        runs = with_tuned_lrs(runs, tuned_lrs_from(lr_from), lr_from)
     if threads is not None:
         # Threads are not part of a run's identity: they change its speed, not its result.
         for run in runs:
@@ -348,7 +368,13 @@ def sweep_command(
         print_plan(runs, results_dir, Console() if console is None else console)
         return None
     parts = ["glora", "sweep", str(preset_arg), "--results", str(results_dir)]
-    filters = (("--seeds", seeds), ("--only-rules", rules), ("--only-tasks", tasks), ("--only-settings", settings))
+    filters = (
+        ("--seeds", seeds),
+        ("--only-rules", rules),
+        ("--only-tasks", tasks),
+        ("--only-settings", settings),
+        ("--lr-from", [lr_from] if lr_from is not None else None),
+    )
     for flag, values in filters:
         if values:
             parts += [flag, ",".join(str(v) for v in values)]

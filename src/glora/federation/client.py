@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from glora.models.device import to_device
+
 BatchFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
 
 
@@ -46,10 +48,11 @@ def local_train(
     for p in head_params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    device = next(model.parameters()).device
     model.train()
     losses = []
     for idx in batch_indices(indices, batch_size, steps, seed):
-        out = model(**make_batch(idx))
+        out = model(**to_device(make_batch(idx), device))
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

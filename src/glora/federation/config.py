@@ -55,6 +55,7 @@ class RunConfig:
     random_gauge: bool = False  # control: clients re-gauge their factors before upload
     seed: int = 0
     threads: int = 2
+    device: str = "auto"  # "auto": CUDA when available, else the CPU; or any torch device name
     data_dir: str | None = None
     data_source: str = "local"  # or "hub"
     # SuperNI (task "superni"; TASK_DEFAULTS gives its values of the fields above).
@@ -81,7 +82,7 @@ class RunConfig:
 
     def identity(self) -> str:
         """A short hash of the resolved config: a run's name in a sweep."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in ("threads", "data_dir")}
+        payload = {k: v for k, v in self.to_dict().items() if k not in ("threads", "device", "data_dir")}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod

@@ -29,6 +29,7 @@ from glora.federation.config import RunConfig
 from glora.federation.results import ADAPTER, RunStore
 from glora.federation.tasks import FederatedTask, GlueTask
 from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
+from glora.models.device import resolve_device
 from glora.models.lora import AdaptedModel, export_adapter
 
 
@@ -56,6 +57,7 @@ def build_task(cfg: RunConfig) -> FederatedTask:
 def check_config(cfg: RunConfig) -> Rule:
     """Everything that can be checked before loading data or models; returns the rule."""
     rule = get_rule(cfg.rule, **cfg.rule_options)
+    resolve_device(cfg.device)
     if cfg.alpha is not None and cfg.alpha <= 0:
         raise ValueError(f"--alpha must be > 0 (Dirichlet concentration), got {cfg.alpha}; use --iid for IID")
     if cfg.rounds < 0:
@@ -302,7 +304,7 @@ class Federation:
         torch.set_num_threads(cfg.threads)
         self.task = build_task(cfg)
         self.parts, self.ranks = client_layout(cfg, self.task, self.rule)
-        self.model = AdaptedModel(self.task.model, self.task.lora, self.ranks)
+        self.model = AdaptedModel(self.task.model.to(resolve_device(cfg.device)), self.task.lora, self.ranks)
         self.init = initial_adapters(self.model, self.ranks, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.float64)
 

@@ -15,6 +15,7 @@ from glora.data.metrics import compute_metrics
 from glora.data.partition import dirichlet_partition, iid_partition, label_buckets
 from glora.federation.config import RunConfig
 from glora.models.backbones import load_classifier, resolve_backbone
+from glora.models.device import to_device
 from glora.models.lora import LoraSettings
 
 
@@ -123,8 +124,9 @@ class GlueTask:
         model.eval()
         order = np.argsort([len(x) for x in self.eval.input_ids], kind="stable")
         preds = torch.empty(len(order), dtype=torch.float32 if self.spec.is_regression else torch.long)
+        device = next(model.parameters()).device
         for start in range(0, len(order), self.cfg.eval_batch_size):
             idx = order[start : start + self.cfg.eval_batch_size]
-            logits = model(**self.inputs([self.eval.input_ids[i] for i in idx])).logits
+            logits = model(**to_device(self.inputs([self.eval.input_ids[i] for i in idx]), device)).logits.cpu()
             preds[torch.as_tensor(idx)] = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
         return compute_metrics(self.name, preds.numpy(), self.eval.labels.numpy())

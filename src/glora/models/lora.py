@@ -99,7 +99,7 @@ class AdaptedModel:
         """The adapter of this rank as LowRank per layer (copies)."""
         a = adapter_name(rank)
         return {
-            n: LowRank(m.lora_B[a].weight.detach().clone(), m.lora_A[a].weight.detach().clone(), float(m.scaling[a]))
+            n: LowRank(_host(m.lora_B[a].weight), _host(m.lora_A[a].weight), float(m.scaling[a]))
             for n, m in self.layers.items()
         }
 
@@ -126,7 +126,7 @@ class AdaptedModel:
 
     def get_head(self, rank: int) -> dict[str, Tensor]:
         return {
-            f"{mn}.{pn}": p.detach().clone()
+            f"{mn}.{pn}": _host(p)
             for mn, mod in self._head_modules(rank).items()
             for pn, p in mod.named_parameters()
         }
@@ -158,16 +158,16 @@ class AdaptedModel:
         with torch.no_grad():
             for n, d in merges.items():
                 w = self.layers[n].base_layer.weight
-                w.add_((d.delta() if isinstance(d, LowRank) else d).to(w.dtype))
+                w.add_((d.delta() if isinstance(d, LowRank) else d).to(w.device, w.dtype))
 
     def base_offsets(self) -> dict[str, Tensor]:
         """What has been merged into each base weight so far (for checkpoints)."""
-        return {n: m.base_layer.weight.detach() - self._original[n] for n, m in self.layers.items()}
+        return {n: (m.base_layer.weight.detach() - self._original[n]).cpu() for n, m in self.layers.items()}
 
     def set_base_offsets(self, offsets: Mapping[str, Tensor]) -> None:
         with torch.no_grad():
             for n, m in self.layers.items():
-                m.base_layer.weight.copy_(self._original[n] + offsets[n])
+                m.base_layer.weight.copy_(self._original[n] + offsets[n].to(self._original[n].device))
 
     @contextmanager
     def dense_update(
@@ -185,7 +185,7 @@ class AdaptedModel:
             with torch.no_grad():
                 for n, d in deltas.items():
                     w = self.layers[n].base_layer.weight
-                    w.add_(d.to(w.dtype))
+                    w.add_(d.to(w.device, w.dtype))
             # Only the LoRA layers are switched off: peft's disable_adapter() would also
             # bypass the head copies (modules_to_save) and evaluate the untrained head.
             for m in self.layers.values():
@@ -197,6 +197,11 @@ class AdaptedModel:
             with torch.no_grad():
                 for n, w in saved.items():
                     self.layers[n].base_layer.weight.copy_(w)
+
+
+def _host(p: Tensor) -> Tensor:
+    """A CPU copy of a parameter: what the server aggregates and checkpoints lives on the host."""
+    return p.detach().to("cpu", copy=True)
 
 
 def _short(name: str) -> str:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds .gpu/ (git-ignored) for gpu_lease.sh: what a leased GPU machine (torch there, no
+# network, at most 64 MiB of files sent) needs beyond this repo. MiniLM goes in float16
+# (90 MB in float32 would not fit; gpu_lease.sh casts it back to float32, so the GPU runs
+# use the CPU runs' weights rounded to float16), the SST-2 and CoLA files of the data
+# directory, and wheels of the transformers and peft versions this project pins.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+rm -rf .gpu && mkdir -p .gpu/whl .gpu/minilm .gpu/data/glue
+data=${GLORA_DATA_DIR:-../shared/data}
+cp -r "$data/glue/sst2" "$data/glue/cola" .gpu/data/glue/
+.venv/bin/python - <<'PY'
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from glora.models.backbones import minilm_folder
+
+src, dst = minilm_folder(), Path(".gpu/minilm")
+for f in src.iterdir():
+    if f.is_dir():
+        shutil.copytree(f, dst / f.name)
+    elif f.name != "model.safetensors":
+        shutil.copy(f, dst / f.name)
+weights = load_file(src / "model.safetensors")
+save_file({k: v.half().contiguous() for k, v in weights.items()}, dst / "model16.safetensors", metadata={"format": "pt"})
+PY
+.venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl transformers==5.24.0 peft==0.21.2
+du -sh .gpu

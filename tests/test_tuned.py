@@ -1,0 +1,80 @@
+"""The tuned learning rate per task (``glora sweep --lr-from``): the best mean held-out score
+of the federated rules wins, references and incomplete rates do not count, a tuning sweep
+scored on the validation split is refused, and the sweep's runs take the chosen rate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glora.experiments.grid import expand, load_preset
+from glora.experiments.sweep import sweep_command, with_tuned_lrs
+from glora.experiments.tuned import tuned_lrs_from
+
+
+def _sweep(root, runs, eval_split="heldout"):
+    """A tuning sweep's folder: runs = [(task, rule, lr, seed, accuracy or None = interrupted)]."""
+    index = {"axes": {"tasks": [], "settings": [], "rules": [], "seeds": []}, "runs": {}}
+    for i, (task, rule, lr, seed, acc) in enumerate(runs):
+        identity = f"run{i}"
+        folder = root / identity
+        folder.mkdir(parents=True)
+        config = {"task": task, "rule": rule, "lr": lr, "seed": seed, "eval_split": eval_split}
+        (folder / "config.json").write_text(json.dumps(config))
+        if acc is not None:
+            summary = {"main_metric": "accuracy", "final": {"accuracy": acc}}
+            (folder / "summary.json").write_text(json.dumps(summary))
+        index["runs"][identity] = {"labels": [{"task": task, "setting": f"lr-{lr:g}", "rule": rule, "seed": seed}]}
+    (root / "sweep.json").write_text(json.dumps(index))
+    return root
+
+
+def test_best_mean_of_federated_rules_wins(tmp_path):
+    root = _sweep(
+        tmp_path / "t",
+        [
+            # sst2 at 1e-3: glora 0.70, fedit (0.80 + 0.90) / 2 = 0.85 -> mean 0.775
+            ("sst2", "glora", 1e-3, 0, 0.70),
+            ("sst2", "fedit", 1e-3, 0, 0.80),
+            ("sst2", "fedit", 1e-3, 1, 0.90),
+            # sst2 at 2e-3: mean 0.76, although glora alone is better here
+            ("sst2", "glora", 2e-3, 0, 0.82),
+            ("sst2", "fedit", 2e-3, 0, 0.70),
+            # the centralized reference at 2e-3 would lift its mean: references do not count
+            ("sst2", "centralized", 2e-3, 0, 0.99),
+            # 5e-3: glora is best of all, but fedit did not finish there
+            ("sst2", "glora", 5e-3, 0, 0.95),
+            ("sst2", "fedit", 5e-3, 0, None),
+            # cola: a tie between 2e-3 and 1e-3 goes to the smaller rate
+            ("cola", "glora", 2e-3, 0, 0.30),
+            ("cola", "glora", 1e-3, 0, 0.30),
+        ],
+    )
+    assert tuned_lrs_from(root) == {"sst2": 1e-3, "cola": 1e-3}
+
+
+def test_tuning_on_the_validation_split_is_refused(tmp_path):
+    root = _sweep(tmp_path / "t", [("sst2", "glora", 1e-3, 0, 0.7)], eval_split="validation")
+    with pytest.raises(ValueError, match="never on the validation split"):
+        tuned_lrs_from(root)
+
+
+def test_nothing_finished_is_an_error(tmp_path):
+    root = _sweep(tmp_path / "t", [("sst2", "glora", 1e-3, 0, None)])
+    with pytest.raises(ValueError, match="no finished federated run"):
+        tuned_lrs_from(root)
+
+
+def test_sweep_runs_take_the_tuned_rate(tmp_path):
+    preset = load_preset("data-heterogeneity")
+    assert {r.config.lr for r in expand(preset, tasks=["sst2"], seeds=[0])} == {2e-3}
+    runs = with_tuned_lrs(expand(preset, tasks=["sst2"], seeds=[0]), {"sst2": 5e-3}, tmp_path)
+    assert {r.config.lr for r in runs} == {5e-3}
+    assert len({r.identity for r in runs}) == len(runs)
+
+
+def test_a_task_the_tuning_lacks_is_refused(tmp_path):
+    root = _sweep(tmp_path / "t", [("sst2", "glora", 5e-3, 0, 0.8)])
+    with pytest.raises(ValueError, match="no tuned learning rate for cola"):
+        sweep_command("data-heterogeneity", tmp_path / "out", dry_run=True, seeds=[0], lr_from=root)
