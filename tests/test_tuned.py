@@ -68,7 +68,7 @@ def test_nothing_finished_is_an_error(tmp_path):
 
 def test_sweep_runs_take_the_tuned_rate(tmp_path):
     preset = load_preset("data-heterogeneity")
-    assert {r.config.lr for r in expand(preset, tasks=["sst2"], seeds=[0])} == {2e-3}
+    assert {r.config.lr for r in expand(preset, tasks=["sst2"], seeds=[0])} == {1e-3}
     runs = with_tuned_lrs(expand(preset, tasks=["sst2"], seeds=[0]), {"sst2": 5e-3}, tmp_path)
     assert {r.config.lr for r in runs} == {5e-3}
     assert len({r.identity for r in runs}) == len(runs)

@@ -38,7 +38,7 @@ class RunConfig:
     local_steps: int = 10
     local_epochs: float | None = None  # if set, replaces local_steps by epochs over the client's data
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     head_lr: float | None = None  # default: lr
     weight_decay: float = 0.0
     max_length: int = 64
