@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glora import LowRank, get_rule
+from glora.lowrank import random_gauge_matrix
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,14 @@ def client_updates(ranks: list[int], d: int = 768, shared: int = 4, seed: int = 
         B = torch.cat([task_out[:, :k] + 0.3 * torch.randn(d, k, generator=g) / d**0.5,
                        torch.randn(d, r - k, generator=g) / d**0.5], dim=1)
         A = torch.cat([task_in[:, :k].T, torch.randn(r - k, d, generator=g) / d**0.5], dim=0)
-        G = torch.randn(r, r, generator=g) / r**0.5 + torch.eye(r)
-        out.append(LowRank(B, A, 2.0).gauge(G))
+        out.append(LowRank(B, A, 2.0).gauge(random_gauge_matrix(r, g).float()))
     return out
 
 
 def regauge(updates: list[LowRank], seed: int) -> list[LowRank]:
+    """The same updates in new random gauges (each client's factors change, its update does not)."""
     g = torch.Generator().manual_seed(seed)
-    return [u.gauge(torch.randn(u.rank, u.rank, generator=g) / u.rank**0.5 + torch.eye(u.rank)) for u in updates]
+    return [u.gauge(random_gauge_matrix(u.rank, g).float()) for u in updates]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
