@@ -418,6 +418,25 @@ def wait_healthy(port: int, timeout: float) -> None:
     raise AssertionError(f"the SuperLink on port {port} did not answer /health within {timeout} s")
 
 
+def start_superlink(procs: Processes, port: int, *options: str) -> None:
+    """A loopback SuperLink on ``port`` (Fleet API), with ``options``; returns once healthy."""
+    procs.start(
+        "superlink",
+        [
+            "flower-superlink",
+            "--insecure",
+            *options,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+        "link",
+    )
+    wait_healthy(port, 60)
+
+
 def write_connection(folder: Path, name: str, port: int) -> None:
     (folder / "cli").mkdir(exist_ok=True)
     (folder / "cli" / "config.toml").write_text(
@@ -517,20 +536,7 @@ def test_deployment_engine_matches_the_in_process_run(tmp_path, request):
     write_connection(tmp_path, "loop", link)
     overrides = to_run_config(REFERENCE.replace(ranks="2"), FlowerOptions(str(tmp_path / "out"), 240.0, 120.0))
     try:
-        procs.start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
-                "--disable-runtime-dependency-installation",
-            ],
-            "link",
-        )
-        wait_healthy(link, 60)
+        start_superlink(procs, link)
         for pid, port, node_config in (
             (0, n0, "partition-id=0 num-partitions=2"),
             (1, n1, "partition-id=1 num-partitions=2 rank=4"),
@@ -571,25 +577,9 @@ def test_simulation_engine_matches_the_in_process_run(tmp_path, reference):
     write_connection(tmp_path, "sim", link)
     overrides = to_run_config(REFERENCE, FlowerOptions(str(tmp_path / "out"), 240.0, 120.0))
     try:
-        procs.start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--simulation",
-                "--isolation",
-                "subprocess",
-                "--control-api-address",
-                f"127.0.0.1:{control}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
-                "--disable-runtime-dependency-installation",
-            ],
-            "link",
+        start_superlink(
+            procs, link, "--simulation", "--isolation", "subprocess", "--control-api-address", f"127.0.0.1:{control}"
         )
-        wait_healthy(link, 60)
         run_and_check(procs, "sim", overrides, ["--federation-config", "num-supernodes=2"], timeout=480)
     finally:
         left = procs.stop()

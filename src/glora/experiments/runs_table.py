@@ -25,6 +25,10 @@ def _main_metric(rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> 
     return None
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def runs_markdown(folders: list[Path]) -> str:
     """One row per run folder, in the order given; unfinished runs are marked."""
     lines = [
@@ -43,14 +47,15 @@ def runs_markdown(folders: list[Path]) -> str:
             f"{k}: {v[metric]:.3f}"
             for k, v in sorted(last_eval.get("eval_by_rank", {}).items(), key=lambda kv: int(kv[0]))
         )
-        personal = last_eval.get("eval_personal", {}).get(metric)
+        personal = _fmt(last_eval.get("eval_personal", {}).get(metric))
+        loss = _fmt(rows[-1]["train_loss"])  # None for a --rounds 0 (zero-shot) run
         wall = summary["wall_seconds"] if summary else sum(r["round_seconds"] for r in rows)
         up = sum(r["bytes_up"] for r in rows) / len(rows) / 2**20
         gauge = config.get("rule_options", {}).get("readout_gauge", "")
         done = f"{rows[-1]['round']}/{config['rounds']}" + ("" if summary else " (unfinished)")
         lines.append(
             f"| {folder.name} | {config['rule']} | {config['ranks']} | {config['lr']:g} | {gauge} | {evals} | "
-            f"{by_rank or '-'} | {'-' if personal is None else f'{personal:.3f}'} | {rows[-1]['train_loss']:.3f} | "
+            f"{by_rank or '-'} | {personal} | {loss} | "
             f"{done} | {wall:.0f} | {up:.2f} |"
         )
     return "\n".join(lines) + "\n"
