@@ -23,7 +23,6 @@ REFERENCES = frozenset({"centralized", "local"})
 def tuned_lrs(res: Results) -> dict[str, float]:
     """{task: chosen learning rate} from a tuning sweep's results (see the module docstring)."""
     scores: dict[str, dict[float, dict[str, list[float]]]] = {}
-    rules_of: dict[str, set[str]] = {}
     for run in res.finished():
         cfg = run.config
         if cfg["eval_split"] != "heldout":
@@ -36,11 +35,11 @@ def tuned_lrs(res: Results) -> dict[str, float]:
         value = (run.summary.get("final") or {}).get(run.summary["main_metric"])
         if value is None:
             continue
-        rules_of.setdefault(cfg["task"], set()).add(cfg["rule"])
         scores.setdefault(cfg["task"], {}).setdefault(float(cfg["lr"]), {}).setdefault(cfg["rule"], []).append(value)
     out = {}
     for task, by_lr in scores.items():
-        complete = {lr: rules for lr, rules in by_lr.items() if set(rules) == rules_of[task]}
+        every_rule = {rule for rules in by_lr.values() for rule in rules}
+        complete = {lr: rules for lr, rules in by_lr.items() if set(rules) == every_rule}
         means = {lr: float(np.mean([np.mean(v) for v in rules.values()])) for lr, rules in complete.items()}
         out[task] = min(means, key=lambda lr: (-means[lr], lr))
     if not out:

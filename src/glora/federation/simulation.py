@@ -54,6 +54,11 @@ def build_task(cfg: RunConfig) -> FederatedTask:
     return GlueTask(cfg)
 
 
+def adapted_model(task: FederatedTask, cfg: RunConfig, ranks: list[int]) -> AdaptedModel:
+    """The task's backbone on the run's device, with a LoRA adapter for each of ``ranks``."""
+    return AdaptedModel(task.model.to(resolve_device(cfg.device)), task.lora, ranks)
+
+
 def check_config(cfg: RunConfig) -> Rule:
     """Everything that can be checked before loading data or models; returns the rule."""
     rule = get_rule(cfg.rule, **cfg.rule_options)
@@ -304,7 +309,7 @@ class Federation:
         torch.set_num_threads(cfg.threads)
         self.task = build_task(cfg)
         self.parts, self.ranks = client_layout(cfg, self.task, self.rule)
-        self.model = AdaptedModel(self.task.model.to(resolve_device(cfg.device)), self.task.lora, self.ranks)
+        self.model = adapted_model(self.task, cfg, self.ranks)
         self.init = initial_adapters(self.model, self.ranks, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.float64)
 

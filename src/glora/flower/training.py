@@ -14,10 +14,9 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from glora.aggregation import Rule, get_rule
 from glora.federation.config import RunConfig
-from glora.federation.simulation import build_task, client_layout, train_client
+from glora.federation.simulation import adapted_model, build_task, client_layout, train_client
 from glora.federation.tasks import FederatedTask
 from glora.flower.records import decode_base, decode_factors, decode_head, encode
-from glora.models.device import resolve_device
 from glora.models.lora import AdaptedModel
 
 OWN = "glora-own"  # the key of the client's own factors and head in context.state
@@ -35,7 +34,7 @@ def load(cfg: RunConfig, rule: Rule, rank: int) -> tuple[FederatedTask, AdaptedM
         torch.set_num_threads(cfg.threads)
         task = build_task(cfg)
         parts, _ = client_layout(cfg, task, rule)
-        _LOADED[key] = (task, AdaptedModel(task.model.to(resolve_device(cfg.device)), task.lora, [rank]), parts)
+        _LOADED[key] = (task, adapted_model(task, cfg, [rank]), parts)
     return _LOADED[key]
 
 
