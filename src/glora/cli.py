@@ -102,6 +102,11 @@ def run(
         None, help=f"AdamW learning rate of the LoRA factors. [default: {_D.lr}; superni: {_S['lr']}]"
     ),
     head_lr: float | None = typer.Option(None, help="Learning rate of the classification head. [default: --lr]"),
+    logit_adjustment: float | None = typer.Option(
+        None,
+        help="tau of the logit-adjusted loss: clients add tau x log(their label prior) to the logits in the "
+        f"loss, against label skew; 0 = cross-entropy. Classification only. [default: {_D.logit_adjustment}]",
+    ),
     max_length: int | None = typer.Option(
         None, help=f"Max tokens per example (dynamic padding). [default: {_D.max_length}; superni: {_S['max_length']}]"
     ),
@@ -210,6 +215,7 @@ def run(
         "batch_size": batch_size,
         "lr": lr,
         "head_lr": head_lr,
+        "logit_adjustment": logit_adjustment,
         "max_length": max_length,
         "eval_every": eval_every,
         "eval_batch_size": eval_batch_size,

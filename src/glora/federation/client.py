@@ -39,8 +39,13 @@ def local_train(
     weight_decay: float,
     seed: int,
     on_step: Callable[[], None] | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> list[float]:
-    """Train in place; returns the loss of every step. ``seed`` fixes batches and dropout."""
+    """Train in place; returns the loss of every step. ``seed`` fixes batches and dropout.
+
+    logit_bias: (num_labels,) added to the logits inside the loss only (the logit-adjusted
+    loss; predictions stay unshifted), else the model's own loss.
+    """
     torch.manual_seed(seed)
     groups = [{"params": list(lora_params), "lr": lr}]
     if head_params:
@@ -52,11 +57,16 @@ def local_train(
     model.train()
     losses = []
     for idx in batch_indices(indices, batch_size, steps, seed):
-        out = model(**to_device(make_batch(idx), device))
-        out.loss.backward()
+        batch = to_device(make_batch(idx), device)
+        if logit_bias is None:
+            loss = model(**batch).loss
+        else:
+            labels = batch.pop("labels")
+            loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias.to(device), labels)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
+        losses.append(float(loss.detach()))
         if on_step is not None:
             on_step()
     model.eval()

@@ -18,6 +18,11 @@ RANK_DISTRIBUTIONS: dict[str, tuple[tuple[int, float], ...]] = {
 }
 
 
+# Fields added after runs were recorded, with the value that means "as before": left out of
+# the identity at that value, so finished runs keep their names and sweeps still skip them.
+_ADDED_FIELDS: dict[str, Any] = {"logit_adjustment": 0.0}
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run. Its identity is the hash of these values."""
@@ -40,6 +45,9 @@ class RunConfig:
     batch_size: int = 32
     lr: float = 1e-3
     head_lr: float | None = None  # default: lr
+    # tau of the logit-adjusted loss (Menon et al., 2021) with each client's own label prior,
+    # a remedy for label skew (FedLC/FedRS family); 0: plain cross-entropy. Classification only.
+    logit_adjustment: float = 0.0
     weight_decay: float = 0.0
     max_length: int = 64
     eval_every: int = 5
@@ -81,8 +89,13 @@ class RunConfig:
         return d
 
     def identity(self) -> str:
-        """A short hash of the resolved config: a run's name in a sweep."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in ("threads", "device", "data_dir")}
+        """A short hash of the resolved config: a run's name in a sweep. Fields added after
+        results were recorded are left out at their inert value, so old identities still hold."""
+        payload = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ("threads", "device", "data_dir") and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from glora.aggregation import ClientPlan, LayerState, Rule, average_params, get_rule
 from glora.aggregation.base import FACTORS
+from glora.data import glue
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
 from glora.federation.results import ADAPTER, RunStore
@@ -83,6 +84,13 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--fraction must be in (0, 1], got {cfg.fraction}")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.logit_adjustment < 0:
+        raise ValueError(f"--logit-adjustment must be >= 0 (0: plain cross-entropy), got {cfg.logit_adjustment}")
+    if cfg.logit_adjustment > 0 and (cfg.task == "superni" or glue.get_task(cfg.task).is_regression):
+        raise ValueError(
+            f"--logit-adjustment needs a classification task (it shifts the logits by the client's label "
+            f"prior); task {cfg.task!r} has no labels to count: leave it at 0"
+        )
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"--weighting must be 'examples' or 'uniform', got {cfg.weighting!r}")
     if cfg.random_gauge and any(rule.client_plan(t).train != FACTORS for t in (1, 2)):
@@ -205,6 +213,7 @@ def train_client(
         cfg.weight_decay,
         seed=cfg.seed * 1_000_003 + server_round * 1009 + client,
         on_step=on_step,
+        logit_bias=cfg.logit_adjustment * task.log_label_prior(indices) if cfg.logit_adjustment else None,
     )
     trained = model.get_factors(r)
     new_head = model.get_head(r)

@@ -37,6 +37,10 @@ class FederatedTask(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of ``model`` on the evaluation split."""
 
+    def log_label_prior(self, indices: np.ndarray) -> torch.Tensor:
+        """(num_labels,) log of the label frequencies among the given training examples
+        (classification tasks; the logit-adjusted loss shifts the logits by it)."""
+
     def fresh_model(self) -> nn.Module:
         """A new instance of the pretrained backbone (with its initial head), for export."""
 
@@ -114,6 +118,11 @@ class GlueTask:
         out = self.inputs([self.train.input_ids[i] for i in indices])
         out["labels"] = self.train.labels[torch.as_tensor(indices)]
         return out
+
+    def log_label_prior(self, indices: np.ndarray) -> torch.Tensor:
+        """Laplace-smoothed (add one), so a class the client never saw has a finite log prior."""
+        counts = torch.bincount(self.train.labels[torch.as_tensor(indices)], minlength=self.spec.num_labels)
+        return torch.log((counts.double() + 1) / (counts.sum() + self.spec.num_labels)).float()
 
     def fresh_model(self) -> nn.Module:
         return load_classifier(self.backbone_path, self.spec.num_labels, seed=self.cfg.seed)[0]
