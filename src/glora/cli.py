@@ -102,6 +102,11 @@ def run(
         None, help=f"AdamW learning rate of the LoRA factors. [default: {_D.lr}; superni: {_S['lr']}]"
     ),
     head_lr: float | None = typer.Option(None, help="Learning rate of the classification head. [default: --lr]"),
+    pooling: str | None = typer.Option(
+        None,
+        help="What the classification head reads: cls (the backbone's own head) or mean (the mean of the "
+        f"token states, as sentence-transformers encoders are trained). [default: {_D.pooling}]",
+    ),
     logit_adjustment: float | None = typer.Option(
         None,
         help="tau of the logit-adjusted loss: clients add tau x log(their label prior) to the logits in the "
@@ -216,6 +221,7 @@ def run(
         "lr": lr,
         "head_lr": head_lr,
         "logit_adjustment": logit_adjustment,
+        "pooling": pooling,
         "max_length": max_length,
         "eval_every": eval_every,
         "eval_batch_size": eval_batch_size,

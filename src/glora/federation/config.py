@@ -20,7 +20,7 @@ RANK_DISTRIBUTIONS: dict[str, tuple[tuple[int, float], ...]] = {
 
 # Fields added after runs were recorded, with the value that means "as before": left out of
 # the identity at that value, so finished runs keep their names and sweeps still skip them.
-_ADDED_FIELDS: dict[str, Any] = {"logit_adjustment": 0.0}
+_ADDED_FIELDS: dict[str, Any] = {"logit_adjustment": 0.0, "pooling": "cls"}
 
 
 @dataclass
@@ -31,6 +31,10 @@ class RunConfig:
     rule: str = "glora"
     rule_options: dict[str, Any] = field(default_factory=dict)
     backbone: str = "minilm"
+    # What the classification head reads: "cls", the model's own sequence-classification head
+    # (first token, through the backbone's pooler), or "mean", the mask-averaged token states
+    # that sentence-transformers encoders are trained for (glora.models.mean_pooled).
+    pooling: str = "cls"
     clients: int = 10
     alpha: float | None = 0.5  # Dirichlet concentration; None = IID
     min_client_examples: int = 20

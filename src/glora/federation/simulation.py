@@ -91,6 +91,10 @@ def check_config(cfg: RunConfig) -> Rule:
             f"--logit-adjustment needs a classification task (it shifts the logits by the client's label "
             f"prior); task {cfg.task!r} has no labels to count: leave it at 0"
         )
+    if cfg.pooling not in ("cls", "mean"):
+        raise ValueError(f"--pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
+    if cfg.pooling != "cls" and cfg.task == "superni":
+        raise ValueError("--pooling applies to classification heads; task 'superni' generates text: leave it at cls")
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"--weighting must be 'examples' or 'uniform', got {cfg.weighting!r}")
     if cfg.random_gauge and any(rule.client_plan(t).train != FACTORS for t in (1, 2)):

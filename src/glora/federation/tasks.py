@@ -77,7 +77,9 @@ class GlueTask:
             eval_rows = eval_rows[: cfg.max_eval_examples]
         if cfg.clients > len(train_rows):
             raise ValueError(f"--clients {cfg.clients} is more than the {len(train_rows)} training examples")
-        self.model, self.tokenizer = load_classifier(self.backbone_path, self.spec.num_labels, seed=cfg.seed)
+        self.model, self.tokenizer = load_classifier(
+            self.backbone_path, self.spec.num_labels, seed=cfg.seed, pooling=cfg.pooling
+        )
         self.train = glue.tokenize_task(self.spec, train_rows, self.tokenizer, cfg.max_length, split="train")
         self.eval = glue.tokenize_task(self.spec, eval_rows, self.tokenizer, cfg.max_length, split="validation")
         self.num_train = len(self.train)
@@ -125,7 +127,9 @@ class GlueTask:
         return torch.log((counts.double() + 1) / (counts.sum() + self.spec.num_labels)).float()
 
     def fresh_model(self) -> nn.Module:
-        return load_classifier(self.backbone_path, self.spec.num_labels, seed=self.cfg.seed)[0]
+        return load_classifier(
+            self.backbone_path, self.spec.num_labels, seed=self.cfg.seed, pooling=self.cfg.pooling
+        )[0]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -93,10 +93,11 @@ def resolve_backbone(name: str) -> str:
     return resolve_model(name, {"minilm": minilm_folder, "mpnet": mpnet_folder}, "backbone")
 
 
-def load_classifier(name: str, num_labels: int, seed: int = 0):
+def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "cls"):
     """(model, tokenizer) for sequence classification; the new head is initialised from ``seed``.
 
-    num_labels = 1 gives a regression head (STS-B).
+    num_labels = 1 gives a regression head (STS-B). pooling "cls": the backbone's own
+    classification head; "mean": :class:`~glora.models.mean_pooled.MeanPooledClassifier`.
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -106,7 +107,14 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
     hf_logging.disable_progress_bar()
     path = resolve_backbone(name)
     torch.manual_seed(seed)
-    problem = "regression" if num_labels == 1 else "single_label_classification"
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem)
+    if pooling == "mean":
+        from transformers import AutoModel
+
+        from glora.models.mean_pooled import MeanPooledClassifier
+
+        model = MeanPooledClassifier(AutoModel.from_pretrained(path), num_labels)
+    else:
+        problem = "regression" if num_labels == 1 else "single_label_classification"
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
