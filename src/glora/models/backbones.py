@@ -112,7 +112,7 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "c
 
         from glora.models.mean_pooled import MeanPooledClassifier
 
-        model = MeanPooledClassifier(AutoModel.from_pretrained(path), num_labels)
+        model = MeanPooledClassifier(AutoModel.from_pretrained(path), num_labels).eval()  # as from_pretrained returns
     else:
         problem = "regression" if num_labels == 1 else "single_label_classification"
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem)

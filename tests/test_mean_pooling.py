@@ -1,0 +1,90 @@
+"""The mean-pooled classification head (``--pooling mean``): padding-invariant, LoRA goes
+into its encoder as usual, and its exported adapter reloads in peft with the same logits."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from glora.federation.config import RunConfig
+from glora.federation.simulation import check_config
+from glora.models.backbones import load_classifier
+from glora.models.lora import AdaptedModel, LoraSettings, export_adapter
+from glora.models.mean_pooled import MeanPooledClassifier
+
+SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.set_num_threads(1)
+    model, tokenizer = load_classifier("minilm", 2, seed=0, pooling="mean")
+    return model.eval(), tokenizer
+
+
+def test_logits_are_the_head_on_the_masked_mean_of_the_token_states(minilm):
+    model, tok = minilm
+    assert isinstance(model, MeanPooledClassifier)
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model.encoder(**batch).last_hidden_state
+        n = batch["attention_mask"].sum(1, keepdim=True)
+        means = torch.stack([states[i, : int(n[i])].mean(0) for i in range(len(SENTENCES))])
+        assert torch.allclose(model(**batch).logits, model.classifier(means), atol=1e-5)
+
+
+def test_padding_does_not_change_the_logits(minilm):
+    """The shorter sentence alone and padded next to a longer one: the same logits (an
+    unmasked mean, or a mask applied to the wrong axis, would differ)."""
+    model, tok = minilm
+    with torch.no_grad():
+        alone = model(**tok(SENTENCES[:1], return_tensors="pt")).logits
+        padded = model(**tok(SENTENCES[:1], padding="max_length", max_length=40, return_tensors="pt")).logits
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_or_mse_for_a_regression_head(minilm):
+    model, tok = minilm
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    labels = torch.tensor([1, 0])
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    assert out.loss == pytest.approx(torch.nn.functional.cross_entropy(out.logits, labels).item(), rel=1e-6)
+    reg, _ = load_classifier("minilm", 1, seed=0, pooling="mean")
+    with torch.no_grad():
+        out = reg.eval()(**batch, labels=torch.tensor([4.0, 1.5]))
+    expected = torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([4.0, 1.5]))
+    assert out.loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_exported_adapter_reloads_in_peft_with_the_same_logits(tmp_path, minilm):
+    _, tok = minilm
+    settings = LoraSettings()
+    adapted = AdaptedModel(load_classifier("minilm", 2, seed=0, pooling="mean")[0], settings, [4])
+    assert all(n.startswith("encoder.") for n in adapted.layers)
+    g = torch.Generator().manual_seed(0)
+    updates = {
+        n: 0.05 * torch.randn(d_out, 3, generator=g) @ torch.randn(3, d_in, generator=g)
+        for n, (d_out, d_in) in adapted.layer_shapes().items()
+    }
+    head = {k: v + 0.1 for k, v in adapted.get_head(4).items()}
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    with adapted.dense_update(updates, 4, head) as m, torch.no_grad():
+        expected = m(**batch).logits
+    export_adapter(tmp_path / "adapter", load_classifier("minilm", 2, seed=0, pooling="mean")[0], updates, head,
+                   settings)
+    loaded = PeftModel.from_pretrained(load_classifier("minilm", 2, seed=0, pooling="mean")[0],
+                                       str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = loaded(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    with torch.no_grad():
+        plain = load_classifier("minilm", 2, seed=0, pooling="mean")[0].eval()(**batch).logits
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the update and head did change the model
+
+
+def test_bad_pooling_is_refused_before_training():
+    with pytest.raises(ValueError, match="--pooling must be 'cls' or 'mean'"):
+        check_config(RunConfig(pooling="max"))
+    with pytest.raises(ValueError, match="generates text"):
+        check_config(RunConfig.for_task("superni", pooling="mean"))
+    assert RunConfig(pooling="mean").identity() != RunConfig().identity()
