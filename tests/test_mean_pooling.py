@@ -87,4 +87,4 @@ def test_bad_pooling_is_refused_before_training():
         check_config(RunConfig(pooling="max"))
     with pytest.raises(ValueError, match="generates text"):
         check_config(RunConfig.for_task("superni", pooling="mean"))
-    assert RunConfig(pooling="mean").identity() != RunConfig().identity()
+    assert RunConfig(pooling="cls").identity() != RunConfig(pooling="mean").identity()

@@ -51,3 +51,20 @@ def test_rows_hold_the_run_files_numbers(tmp_path):
     )
     assert "| 1/2 (unfinished) | 10 |" in lines[3] and "r1: 0.700" in lines[3]
     assert lines[4].startswith("| zero | glora |") and "| - | 0/0 | 5 | 0.00 |" in lines[4]
+
+
+def test_options_column_names_what_differs_from_a_plain_run(tmp_path):
+    base = {"rule": "glora", "ranks": "8", "lr": 1e-3, "rounds": 1}
+    rows = [_row(1, 0.5, 0.7)]
+    old = _folder(tmp_path, "old", base, rows)  # saved before pooling and logit_adjustment existed
+    new = _folder(
+        tmp_path,
+        "new",
+        {**base, "rule_options": {"threshold": 0.3, "consensus": "energy"}, "pooling": "mean", "logit_adjustment": 1.0},
+        rows,
+    )
+    plain = _folder(tmp_path, "plain", {**base, "pooling": "cls", "logit_adjustment": 0.0}, rows)
+    lines = runs_markdown([old, new, plain]).splitlines()
+    assert "| 0.001 |  | r1: 0.700 |" in lines[2]
+    assert "| 0.001 | consensus=energy, threshold=0.3, pooling=mean, logit_adjustment=1 | r1: 0.700 |" in lines[3]
+    assert "| 0.001 |  | r1: 0.700 |" in lines[4]

@@ -29,10 +29,21 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _options(config: dict[str, Any]) -> str:
+    """The rule's options and the client-side choices that differ from the first-token head
+    and plain cross-entropy (config.json files older than those options have neither key)."""
+    out = [f"{k}={v}" for k, v in sorted(config.get("rule_options", {}).items())]
+    if config.get("pooling", "cls") != "cls":
+        out.append(f"pooling={config['pooling']}")
+    if config.get("logit_adjustment", 0.0):
+        out.append(f"logit_adjustment={config['logit_adjustment']:g}")
+    return ", ".join(out)
+
+
 def runs_markdown(folders: list[Path]) -> str:
     """One row per run folder, in the order given; unfinished runs are marked."""
     lines = [
-        "| run | rule | ranks | lr | gauge | evaluated rounds: metric | final by rank | personal | "
+        "| run | rule | ranks | lr | options | evaluated rounds: metric | final by rank | personal | "
         "last loss | rounds done | wall (s) | MiB up/round |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -51,10 +62,10 @@ def runs_markdown(folders: list[Path]) -> str:
         loss = _fmt(rows[-1]["train_loss"])  # None for a --rounds 0 (zero-shot) run
         wall = summary["wall_seconds"] if summary else sum(r["round_seconds"] for r in rows)
         up = sum(r["bytes_up"] for r in rows) / len(rows) / 2**20
-        gauge = config.get("rule_options", {}).get("readout_gauge", "")
+        options = _options(config)
         done = f"{rows[-1]['round']}/{config['rounds']}" + ("" if summary else " (unfinished)")
         lines.append(
-            f"| {folder.name} | {config['rule']} | {config['ranks']} | {config['lr']:g} | {gauge} | {evals} | "
+            f"| {folder.name} | {config['rule']} | {config['ranks']} | {config['lr']:g} | {options} | {evals} | "
             f"{by_rank or '-'} | {personal} | {loss} | "
             f"{done} | {wall:.0f} | {up:.2f} |"
         )

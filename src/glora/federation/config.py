@@ -34,7 +34,7 @@ class RunConfig:
     # What the classification head reads: "cls", the model's own sequence-classification head
     # (first token, through the backbone's pooler), or "mean", the mask-averaged token states
     # that sentence-transformers encoders are trained for (glora.models.mean_pooled).
-    pooling: str = "cls"
+    pooling: str = "mean"
     clients: int = 10
     alpha: float | None = 0.5  # Dirichlet concentration; None = IID
     min_client_examples: int = 20
@@ -120,6 +120,13 @@ class RunConfig:
             d["ranks"] = ",".join(str(r) for r in (d["ranks"] if isinstance(d["ranks"], list) else [d["ranks"]]))
         return cls(**d)
 
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> RunConfig:
+        """The config a run folder's config.json records. A field added after the run was
+        saved is absent there and meant its inert value then, not today's default."""
+        d = {k: v for k, v in d.items() if k != "identity"}
+        return cls.from_dict({**{k: v for k, v in _ADDED_FIELDS.items() if k not in d}, **d})
+
     @staticmethod
     def read_toml(path: Path) -> dict[str, Any]:
         """The values of a run's TOML file, unresolved (see :meth:`from_dict`)."""
@@ -148,6 +155,7 @@ class RunConfig:
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "superni": {
         "backbone": "smollm2",
+        "pooling": "cls",  # no classification head; the inert value keeps SuperNI identities
         "target_modules": ("q_proj", "v_proj"),
         "alpha": None,
         "rounds": 5,
