@@ -42,7 +42,7 @@ class RunConfig:
     lora_alpha_per_rank: float = 2.0
     rslora: bool = False
     target_modules: tuple[str, ...] = ("query", "value")
-    rounds: int = 15
+    rounds: int = 12
     fraction: float = 1.0  # clients sampled per round
     local_steps: int = 10
     local_epochs: float | None = None  # if set, replaces local_steps by epochs over the client's data
