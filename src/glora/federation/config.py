@@ -47,7 +47,7 @@ class RunConfig:
     local_steps: int = 10
     local_epochs: float | None = None  # if set, replaces local_steps by epochs over the client's data
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 5e-4
     head_lr: float | None = None  # default: lr
     # tau of the logit-adjusted loss (Menon et al., 2021) with each client's own label prior,
     # a remedy for label skew (FedLC/FedRS family); 0: plain cross-entropy. Classification only.
