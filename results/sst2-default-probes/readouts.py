@@ -1,0 +1,44 @@
+"""Accuracy and share of positive predictions of a finished run's global model and of the
+readout each client rank receives (SST-2 validation), from the run's last checkpoint.
+
+    python results/sst2-default-probes/readouts.py RUN_FOLDER
+
+Work on a copy of the folder: loading it as a resumable run rewrites its meta.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from glora.federation.config import RunConfig
+from glora.federation.simulation import Federation, _merged_deltas, _plus
+
+torch.set_num_threads(1)
+folder = sys.argv[1]
+cfg = RunConfig.from_saved(json.loads(Path(folder, "config.json").read_text()))
+fed = Federation(cfg.replace(threads=1), folder, progress=False)
+fed.begin(resume=True)
+st = fed.store.load_checkpoint()["state"]
+task = fed.task
+
+
+def accuracy_and_positive_share(model):
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for s in range(0, len(task.eval.input_ids), 128):
+            preds.append(model(**task.inputs(task.eval.input_ids[s : s + 128])).logits.argmax(-1))
+    p = torch.cat(preds)
+    return round(float((p == task.eval.labels).float().mean()), 4), round(float(p.float().mean()), 3)
+
+
+with fed.model.dense_update({n: s.delta() for n, s in st.layers.items()}, fed.ranks[0], st.head) as m:
+    print("global", accuracy_and_positive_share(m))
+merged = _merged_deltas(st)
+for r in sorted(set(fed.ranks)):
+    scale = fed.model.settings.scale(r)
+    deltas = {n: _plus(s.readout(r, scale).delta(), merged[n]) for n, s in st.layers.items()}
+    with fed.model.dense_update(deltas, fed.ranks[0], st.head) as m:
+        print("rank", r, accuracy_and_positive_share(m))
