@@ -85,6 +85,8 @@ def test_exported_adapter_reloads_in_peft_with_the_same_logits(tmp_path, minilm)
 def test_bad_pooling_is_refused_before_training():
     with pytest.raises(ValueError, match="--pooling must be 'cls' or 'mean'"):
         check_config(RunConfig(pooling="max"))
+    with pytest.raises(ValueError, match="pooling must be one of cls, mean"):
+        load_classifier("minilm", 2, pooling="max")  # the library call refuses it too, before loading
     with pytest.raises(ValueError, match="generates text"):
         check_config(RunConfig.for_task("superni", pooling="mean"))
     assert RunConfig(pooling="cls").identity() != RunConfig(pooling="mean").identity()

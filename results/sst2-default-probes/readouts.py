@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from glora.data.metrics import compute_metrics
 from glora.federation.config import RunConfig
-from glora.federation.simulation import Federation, _merged_deltas, _plus
+from glora.federation.simulation import Federation
 
 torch.set_num_threads(1)
 folder = sys.argv[1]
@@ -25,20 +26,13 @@ task = fed.task
 
 
 def accuracy_and_positive_share(model):
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        for s in range(0, len(task.eval.input_ids), 128):
-            preds.append(model(**task.inputs(task.eval.input_ids[s : s + 128])).logits.argmax(-1))
-    p = torch.cat(preds)
-    return round(float((p == task.eval.labels).float().mean()), 4), round(float(p.float().mean()), 3)
+    preds = task.predict(model)
+    accuracy = compute_metrics(task.name, preds.numpy(), task.eval.labels.numpy())["accuracy"]
+    return round(accuracy, 4), round(float(preds.float().mean()), 3)
 
 
 with fed.model.dense_update({n: s.delta() for n, s in st.layers.items()}, fed.ranks[0], st.head) as m:
     print("global", accuracy_and_positive_share(m))
-merged = _merged_deltas(st)
-for r in sorted(set(fed.ranks)):
-    scale = fed.model.settings.scale(r)
-    deltas = {n: _plus(s.readout(r, scale).delta(), merged[n]) for n, s in st.layers.items()}
+for r, deltas in fed.received_deltas(st):
     with fed.model.dense_update(deltas, fed.ranks[0], st.head) as m:
         print("rank", r, accuracy_and_positive_share(m))

@@ -54,6 +54,8 @@ def local_train(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
     device = next(model.parameters()).device
+    if logit_bias is not None:
+        logit_bias = logit_bias.to(device)
     model.train()
     losses = []
     for idx in batch_indices(indices, batch_size, steps, seed):
@@ -62,7 +64,7 @@ def local_train(
             loss = model(**batch).loss
         else:
             labels = batch.pop("labels")
-            loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias.to(device), labels)
+            loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

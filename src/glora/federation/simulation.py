@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from glora.federation.config import RunConfig
 from glora.federation.results import ADAPTER, RunStore
 from glora.federation.tasks import FederatedTask, GlueTask
 from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
+from glora.models.backbones import POOLINGS
 from glora.models.device import resolve_device
 from glora.models.lora import AdaptedModel, export_adapter
 
@@ -91,8 +92,8 @@ def check_config(cfg: RunConfig) -> Rule:
             f"--logit-adjustment needs a classification task (it shifts the logits by the client's label "
             f"prior); task {cfg.task!r} has no labels to count: leave it at 0"
         )
-    if cfg.pooling not in ("cls", "mean"):
-        raise ValueError(f"--pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
+    if cfg.pooling not in POOLINGS:
+        raise ValueError(f"--pooling must be {' or '.join(repr(p) for p in POOLINGS)}, got {cfg.pooling!r}")
     if cfg.pooling != "cls" and cfg.task == "superni":
         raise ValueError("--pooling applies to classification heads; task 'superni' generates text: leave it at cls")
     if cfg.weighting not in ("examples", "uniform"):
@@ -371,13 +372,18 @@ class Federation:
             out["eval"] = self.task.evaluate(m)
         if self.cfg.eval_ranks and len(set(self.ranks)) > 1:
             out["eval_by_rank"] = {}
-            merged = _merged_deltas(st)
-            for r in sorted(set(self.ranks)):
-                scale = self.model.settings.scale(r)
-                deltas = {n: _plus(s.readout(r, scale).delta(), merged[n]) for n, s in st.layers.items()}
+            for r, deltas in self.received_deltas(st):
                 with self.model.dense_update(deltas, head_rank, st.head) as m:
                     out["eval_by_rank"][str(r)] = self.task.evaluate(m)
         return out
+
+    def received_deltas(self, st: ServerState) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(rank, dense update per layer) of what a client of each rank receives: what was
+        merged into the base plus the state's readout at its rank; one rank at a time."""
+        merged = _merged_deltas(st)
+        for r in sorted(set(self.ranks)):
+            scale = self.model.settings.scale(r)
+            yield r, {n: _plus(s.readout(r, scale).delta(), merged[n]) for n, s in st.layers.items()}
 
     def _evaluate_personal(self, st: ServerState) -> dict[str, float]:
         """Mean over clients of each client's own model (its last trained factors and head)."""

@@ -132,8 +132,9 @@ class GlueTask:
         )[0]
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics on the validation split; batches sorted by length so padding stays small."""
+    def predict(self, model: nn.Module) -> torch.Tensor:
+        """(n_eval,) predicted labels (regression: scores) on the evaluation split, in its
+        order; batches sorted by length so padding stays small."""
         model.eval()
         order = np.argsort([len(x) for x in self.eval.input_ids], kind="stable")
         preds = torch.empty(len(order), dtype=torch.float32 if self.spec.is_regression else torch.long)
@@ -142,4 +143,8 @@ class GlueTask:
             idx = order[start : start + self.cfg.eval_batch_size]
             logits = model(**to_device(self.inputs([self.eval.input_ids[i] for i in idx]), device)).logits.cpu()
             preds[torch.as_tensor(idx)] = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
-        return compute_metrics(self.name, preds.numpy(), self.eval.labels.numpy())
+        return preds
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics on the evaluation split."""
+        return compute_metrics(self.name, self.predict(model).numpy(), self.eval.labels.numpy())

@@ -28,6 +28,7 @@ NAMED_ENCODERS = {
     "mpnet": "sentence-transformers/all-mpnet-base-v2",
 }
 MPNET_PARTS = 5
+POOLINGS = ("cls", "mean")  # what a classification head reads (see load_classifier)
 
 
 def minilm_folder() -> Path:
@@ -99,6 +100,8 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "c
     num_labels = 1 gives a regression head (STS-B). pooling "cls": the backbone's own
     classification head; "mean": :class:`~glora.models.mean_pooled.MeanPooledClassifier`.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
