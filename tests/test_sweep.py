@@ -15,6 +15,7 @@ from glora.cli import app
 from glora.experiments import sweep as sweep_mod
 from glora.experiments.estimate import CostModel, estimate_seconds
 from glora.experiments.grid import expand, load_preset, packaged_presets
+from glora.experiments.report import load_results, markdown
 from glora.experiments.sweep import ERROR, INDEX, TimeLeft, run_status, run_sweep, sweep_command
 from glora.federation.config import RunConfig
 from glora.federation.results import RunStore
@@ -170,6 +171,30 @@ def test_parallel_sweeps_share_the_grid(tmp_path, grid, monkeypatch):
     again = FakeRuns()
     _sweep(grid, results, again, monkeypatch)
     assert again.calls == [(planned[2].identity, False)]
+
+
+def test_reuse_links_finished_runs_of_another_sweep_and_runs_the_rest(tmp_path, grid, monkeypatch):
+    other = tmp_path / "other"
+    planned = expand(load_preset(grid))
+    broken = planned[1].identity
+    _sweep(grid, other, FakeRuns(fail=[broken]), monkeypatch, seeds=[0])
+    monkeypatch.setattr(sweep_mod, "run_federation", fake := FakeRuns())
+    results = tmp_path / "results"
+    sweep_command(str(grid), results, reuse_from=[other], progress=False, console=Console(file=io.StringIO()))
+    seed0 = [r.identity for r in planned if r.labels[0].seed == 0]
+    # Seed 0's finished runs are links to the other sweep's folders; its failed run and all of
+    # seed 1 ran here.
+    assert [i for i, _ in fake.calls] == [broken] + [r.identity for r in planned if r.labels[0].seed == 1]
+    linked = [i for i in seed0 if i != broken]
+    assert all((results / i).is_symlink() and (results / i).resolve() == (other / i).resolve() for i in linked)
+    assert not (results / broken).is_symlink()
+    report = load_results(results)
+    assert all(r.status == "finished" for r in report.runs)
+    assert "--reuse-from" in report.index["commands"][0]
+    assert sorted(r.identity for r in report.runs if r.linked) == sorted(linked)
+    assert f"{len(linked)} of them" in markdown(report, {})
+    with pytest.raises(ValueError, match="not a sweep's results folder"):
+        sweep_command(str(grid), results, reuse_from=[tmp_path / "nothing"], progress=False)
 
 
 def test_index_accumulates_over_seed_by_seed_sweeps(tmp_path, grid, monkeypatch):

@@ -310,6 +310,11 @@ def sweep(
         help="Results folder of a tuning sweep (e.g. lr-tuning): its chosen learning rate per task, picked on "
         "held-out training data, replaces the preset's in every run.",
     ),
+    reuse_from: str | None = typer.Option(
+        None,
+        help="Other sweeps' results folders, comma-separated: their finished runs with the same identity (the "
+        "same resolved config) are linked into --results instead of being run again.",
+    ),
 ) -> None:
     """Run a preset's grid (rules x settings x tasks x seeds): finished runs are skipped,
     interrupted ones resumed, failing ones recorded; re-run the command to continue."""
@@ -329,6 +334,7 @@ def sweep(
             threads,
             progress,
             lr_from=lr_from,
+            reuse_from=_csv(reuse_from, Path),
         )
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}")

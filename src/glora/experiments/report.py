@@ -50,6 +50,7 @@ class Run:
     summary: dict[str, Any] | None
     rounds: list[dict[str, Any]]
     error: str | None
+    linked: bool = False  # a link to another sweep's run (glora sweep --reuse-from)
 
 
 @dataclass
@@ -103,7 +104,8 @@ def load_results(results_dir: Path) -> Results:
         metrics = folder / METRICS
         rounds = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
         error = (folder / ERROR).read_text().strip().splitlines()[-1] if status == FAILED else None
-        runs.append(Run(identity, entry["labels"], status, _read_json(folder / CONFIG), summary, rounds, error))
+        config = _read_json(folder / CONFIG)
+        runs.append(Run(identity, entry["labels"], status, config, summary, rounds, error, folder.is_symlink()))
     return Results(index, runs)
 
 
@@ -216,8 +218,14 @@ def markdown(res: Results, plots: dict[str, str]) -> str:
     out.append(
         f"{len(finished)} of {len(res.runs)} runs finished; total compute {compute_seconds(finished) / 3600:.2f} h "
         "(the sum of their recorded wall time: rounds, evaluation and checkpoints; model loading not included). "
-        "Made by:\n"
     )
+    linked = [r for r in finished if r.linked]
+    if linked:
+        out.append(
+            f"{len(linked)} of them ({compute_seconds(linked) / 3600:.2f} h) are links to the same runs of another "
+            "sweep (`--reuse-from`), whose compute is counted there. "
+        )
+    out.append("Made by:\n")
     out.append("".join(f"- `{c}`\n" for c in idx["commands"]))
     out.append("\nSettings:\n")
     for name in res.axis("settings"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shlex
 import threading
 import time
@@ -337,6 +338,29 @@ def with_tuned_lrs(runs: list[PlannedRun], lrs: dict[str, float], source: Path) 
     return runs
 
 
+def reuse_finished(runs: list[PlannedRun], results_dir: Path, sources: list[Path]) -> list[str]:
+    """Link each run not yet in ``results_dir`` to a finished run of the same identity in one
+    of ``sources`` (another sweep's results folder), so a cell two presets share is run once.
+    The identity is the hash of the resolved config, so the linked run is the run this sweep
+    would make. The links are relative (they survive a move of the results tree together).
+    Returns the identities linked."""
+    for source in sources:
+        if not (Path(source) / INDEX).exists():
+            raise ValueError(f"--reuse-from {source}: not a sweep's results folder (it has no {INDEX})")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    linked = []
+    for run in runs:
+        folder = results_dir / run.identity
+        if folder.exists() or folder.is_symlink():
+            continue
+        for source in sources:
+            if run_status(Path(source) / run.identity) == FINISHED:
+                folder.symlink_to(os.path.relpath(Path(source) / run.identity, results_dir))
+                linked.append(run.identity)
+                break
+    return linked
+
+
 def sweep_command(
     preset_arg: str,
     results: Path | None = None,
@@ -349,10 +373,13 @@ def sweep_command(
     progress: bool = True,
     console: Console | None = None,
     lr_from: Path | None = None,
+    reuse_from: list[Path] | None = None,
 ) -> SweepOutcome | None:
     """``glora sweep``: load, expand, then list (dry run) or run. Returns None for a dry run.
     ``lr_from``: a tuning sweep's results folder whose chosen rate per task replaces the
-    preset's learning rate in every run (:mod:`glora.experiments.tuned`)."""
+    preset's learning rate in every run (:mod:`glora.experiments.tuned`). ``reuse_from``:
+    other sweeps' results folders whose finished runs of the same identity are linked, not
+    re-run (:func:`reuse_finished`); a dry run lists them as to run."""
     preset = load_preset(preset_arg)
     runs = expand(preset, seeds=seeds, rules=rules, tasks=tasks, settings=settings)
     if lr_from is not None:
@@ -374,11 +401,15 @@ def sweep_command(
         ("--only-tasks", tasks),
         ("--only-settings", settings),
         ("--lr-from", [lr_from] if lr_from is not None else None),
+        ("--reuse-from", reuse_from),
     )
     for flag, values in filters:
         if values:
             parts += [flag, ",".join(str(v) for v in values)]
     console = console or Console(stderr=True)
+    if reuse_from:
+        linked = reuse_finished(runs, results_dir, reuse_from)
+        console.print(f"linked {len(linked)} finished runs from {', '.join(str(p) for p in reuse_from)}")
     try:
         outcome = run_sweep(preset, runs, results_dir, shlex.join(parts), progress=progress, console=console)
     except KeyboardInterrupt:
