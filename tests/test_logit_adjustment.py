@@ -97,16 +97,17 @@ def test_bad_values_are_refused_before_training():
 
 def test_recorded_runs_keep_their_identity_and_the_option_makes_a_new_one():
     """A run recorded before the options existed (its config.json has no such keys) reads back
-    as what it was (plain cross-entropy, first-token head) under the identity it was saved with,
+    as what it was (plain cross-entropy, first-token head at the factors' rate) under the identity it was saved with,
     so sweeps skip it; setting either option makes a new identity."""
     saved = json.loads((ROOT / "results/sst2-comparison/runs/glora/config.json").read_text())
-    assert "logit_adjustment" not in saved and "pooling" not in saved
+    assert "logit_adjustment" not in saved and "pooling" not in saved and "head_lr_ratio" not in saved
     cfg = RunConfig.from_saved(saved)
-    assert (cfg.logit_adjustment, cfg.pooling) == (0.0, "cls")
+    assert (cfg.logit_adjustment, cfg.pooling, cfg.head_lr_ratio) == (0.0, "cls", 1.0)
     assert cfg.identity() == saved["identity"]
     assert RunConfig.from_dict({k: v for k, v in saved.items() if k != "identity"}).pooling == "mean"  # today's default
     assert cfg.replace(logit_adjustment=1.0).identity() != saved["identity"]
     assert cfg.replace(pooling="mean").identity() != saved["identity"]
+    assert cfg.replace(head_lr_ratio=10.0).identity() != saved["identity"]
 
 
 @pytest.mark.slow

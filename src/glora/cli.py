@@ -101,7 +101,14 @@ def run(
     lr: float | None = typer.Option(
         None, help=f"AdamW learning rate of the LoRA factors. [default: {_D.lr}; superni: {_S['lr']}]"
     ),
-    head_lr: float | None = typer.Option(None, help="Learning rate of the classification head. [default: --lr]"),
+    head_lr: float | None = typer.Option(
+        None, help="Learning rate of the classification head. [default: --lr x --head-lr-ratio]"
+    ),
+    head_lr_ratio: float | None = typer.Option(
+        None,
+        help=f"The head's learning rate over the factors', when --head-lr is not given. [default: {_D.head_lr_ratio}; "
+        f"superni: {_S['head_lr_ratio']} (no head)]",
+    ),
     pooling: str | None = typer.Option(
         None,
         help="What the classification head reads: cls (the backbone's own head) or mean (the mean of the "
@@ -220,6 +227,7 @@ def run(
         "batch_size": batch_size,
         "lr": lr,
         "head_lr": head_lr,
+        "head_lr_ratio": head_lr_ratio,
         "logit_adjustment": logit_adjustment,
         "pooling": pooling,
         "max_length": max_length,

@@ -35,6 +35,8 @@ def _options(config: dict[str, Any]) -> str:
     out = [f"{k}={v}" for k, v in sorted(config.get("rule_options", {}).items())]
     if config.get("pooling", "cls") != "cls":
         out.append(f"pooling={config['pooling']}")
+    if config.get("head_lr") is None and config.get("head_lr_ratio", 1.0) != 1.0:
+        out.append(f"head_lr_ratio={config['head_lr_ratio']:g}")
     if config.get("logit_adjustment", 0.0):
         out.append(f"logit_adjustment={config['logit_adjustment']:g}")
     return ", ".join(out)

@@ -20,7 +20,7 @@ RANK_DISTRIBUTIONS: dict[str, tuple[tuple[int, float], ...]] = {
 
 # Fields added after runs were recorded, with the value that means "as before": left out of
 # the identity at that value, so finished runs keep their names and sweeps still skip them.
-_ADDED_FIELDS: dict[str, Any] = {"logit_adjustment": 0.0, "pooling": "cls"}
+_ADDED_FIELDS: dict[str, Any] = {"logit_adjustment": 0.0, "pooling": "cls", "head_lr_ratio": 1.0}
 
 
 @dataclass
@@ -48,7 +48,12 @@ class RunConfig:
     local_epochs: float | None = None  # if set, replaces local_steps by epochs over the client's data
     batch_size: int = 32
     lr: float = 5e-4
-    head_lr: float | None = None  # default: lr
+    head_lr: float | None = None  # default: lr x head_lr_ratio
+    # The new head learns from scratch what the frozen features already carry (a linear probe
+    # of MiniLM's mean-pooled features scores 78.8% on SST-2), while the factors drift apart
+    # under label skew at high rates: the head learns faster than the factors by this ratio
+    # (results/sst2-default-probes: head lr 2e-3 and 5e-3 against 5e-4 for the factors).
+    head_lr_ratio: float = 10.0
     # tau of the logit-adjusted loss (Menon et al., 2021) with each client's own label prior,
     # a remedy for label skew (FedLC/FedRS family); 0: plain cross-entropy. Classification only.
     logit_adjustment: float = 0.0
@@ -86,6 +91,10 @@ class RunConfig:
     def client_ranks(self) -> list[int]:
         """The rank of each client (index = client id)."""
         return parse_ranks(self.ranks, self.clients, self.seed)
+
+    def effective_head_lr(self) -> float:
+        """The classification head's learning rate: head_lr if given, else lr x head_lr_ratio."""
+        return self.head_lr if self.head_lr is not None else self.lr * self.head_lr_ratio
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -155,7 +164,8 @@ class RunConfig:
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "superni": {
         "backbone": "smollm2",
-        "pooling": "cls",  # no classification head; the inert value keeps SuperNI identities
+        "pooling": "cls",  # no classification head; the inert values keep SuperNI identities
+        "head_lr_ratio": 1.0,
         "target_modules": ("q_proj", "v_proj"),
         "alpha": None,
         "rounds": 5,

@@ -85,6 +85,10 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--fraction must be in (0, 1], got {cfg.fraction}")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.head_lr is not None and cfg.head_lr <= 0:
+        raise ValueError(f"--head-lr must be > 0, got {cfg.head_lr}")
+    if cfg.head_lr_ratio <= 0:
+        raise ValueError(f"--head-lr-ratio must be > 0 (the head's lr over the factors'), got {cfg.head_lr_ratio}")
     if cfg.logit_adjustment < 0:
         raise ValueError(f"--logit-adjustment must be >= 0 (0: plain cross-entropy), got {cfg.logit_adjustment}")
     if cfg.logit_adjustment > 0 and (cfg.task == "superni" or glue.get_task(cfg.task).is_regression):
@@ -214,7 +218,7 @@ def train_client(
         client_steps(cfg, rule, len(indices)),
         cfg.batch_size,
         cfg.lr,
-        cfg.head_lr or cfg.lr,
+        cfg.effective_head_lr(),
         cfg.weight_decay,
         seed=cfg.seed * 1_000_003 + server_round * 1009 + client,
         on_step=on_step,
