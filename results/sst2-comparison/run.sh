@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 mkdir -p runs/sst2-comparison
 common=(--task sst2 --clients 10 --alpha 0.5 --fraction 1.0 --rounds 20 --local-steps 10 --batch-size 32
         --lr 1e-3 --eval-every 5 --seed 0 --no-progress
-        --pooling cls)  # the first-token head these runs were made with (the default was cls then)
+        --pooling cls --head-lr-ratio 1)  # the head these runs were made with: first token, the factors' lr
 run() {
   local name=$1 ranks=$2 threads=$3
   /usr/bin/time -f "$name: %e s wall, %U s user" .venv/bin/glora run "${common[@]}" --rule "$name" \

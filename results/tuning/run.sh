@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 common=(--task sst2 --rule glora --clients 10 --alpha 0.5 --ranks 2,4,8,16 --fraction 0.5 --rounds 10
-        --local-steps 10 --batch-size 32 --eval-every 5 --eval-split heldout --threads 1 --seed 0 --no-progress)
+        --local-steps 10 --batch-size 32 --eval-every 5 --eval-split heldout --threads 1 --seed 0 --no-progress
+        --pooling cls --head-lr-ratio 1)  # the head these runs were made with: first token, the factors' lr
 chain() {
   local gauge=$1
   for lr in 1e-3 2e-3; do  # 5e-3 was dropped for lack of CPU time: see README.md here

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 common=(--task sst2 --rule glora --clients 10 --alpha 0.5 --ranks 2,4,8,16 --fraction 1.0 --rounds 20
-        --local-steps 5 --batch-size 32 --eval-every 5 --eval-split heldout --threads 1 --seed 0 --no-progress)
+        --local-steps 5 --batch-size 32 --eval-every 5 --eval-split heldout --threads 1 --seed 0 --no-progress
+        --pooling cls --head-lr-ratio 1)  # the head these runs were made with: first token, the factors' lr
 .venv/bin/glora run "${common[@]}" --lr 2e-3 --rule-option readout_gauge=a-normal --out runs/tuning/full-lr2e-3-a-normal --resume > runs/tuning2-a.log 2>&1 &
 .venv/bin/glora run "${common[@]}" --lr 2e-3 --rule-option readout_gauge=balanced --out runs/tuning/full-lr2e-3-balanced --resume > runs/tuning2-b.log 2>&1 &
 wait
