@@ -105,7 +105,7 @@ def load_results(results_dir: Path) -> Results:
         rounds = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
         error = (folder / ERROR).read_text().strip().splitlines()[-1] if status == FAILED else None
         config = _read_json(folder / CONFIG)
-        runs.append(Run(identity, entry["labels"], status, config, summary, rounds, error, folder.is_symlink()))
+        runs.append(Run(identity, entry["labels"], status, config, summary, rounds, error, linked=folder.is_symlink()))
     return Results(index, runs)
 
 

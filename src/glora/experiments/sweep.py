@@ -345,7 +345,7 @@ def reuse_finished(runs: list[PlannedRun], results_dir: Path, sources: list[Path
     would make. The links are relative (they survive a move of the results tree together).
     Returns the identities linked."""
     for source in sources:
-        if not (Path(source) / INDEX).exists():
+        if not (source / INDEX).exists():
             raise ValueError(f"--reuse-from {source}: not a sweep's results folder (it has no {INDEX})")
     results_dir.mkdir(parents=True, exist_ok=True)
     linked = []
@@ -354,8 +354,9 @@ def reuse_finished(runs: list[PlannedRun], results_dir: Path, sources: list[Path
         if folder.exists() or folder.is_symlink():
             continue
         for source in sources:
-            if run_status(Path(source) / run.identity) == FINISHED:
-                folder.symlink_to(os.path.relpath(Path(source) / run.identity, results_dir))
+            done = source / run.identity
+            if run_status(done) == FINISHED:
+                folder.symlink_to(os.path.relpath(done, results_dir))
                 linked.append(run.identity)
                 break
     return linked
