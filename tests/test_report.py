@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from glora.experiments.report import load_results, write_report
+from glora.experiments.report import load_results, markdown, write_report
 
 MIB = 2**20
 
@@ -127,6 +127,28 @@ def test_numbers_equal_a_hand_computation(results):
     assert "sst2: learning rate 0.002, shared by every rule." in md
     assert "| f2s1 | failed | sst2/s2/fedit/seed 1 | RuntimeError: out of memory |" in md
     assert "| g2s2 | interrupted | sst2/s2/glora/seed 2 |  |" in md
+
+
+def test_each_table_names_the_commands_of_its_own_runs(results):
+    index = json.loads((results / "sweep.json").read_text())
+    first, second = "glora sweep fixture --results sweep --only-settings s1", "glora sweep fixture --only-settings s2"
+    index["commands"] = [first, second]
+    for identity, entry in index["runs"].items():
+        entry["commands"] = [first if identity == "c0" or entry["labels"][0]["setting"] == "s1" else second]
+    (results / "sweep.json").write_text(json.dumps(index))
+
+    def cost_provenance(setting):
+        md = markdown(load_results(results), {})
+        return md.split(f"### {setting}\n\n")[1].split("\n")[0]
+
+    # s1's runs were all made by the first command; s2's by the second, except the centralized
+    # run that fills both columns, made by the first.
+    assert cost_provenance("s1").startswith(f"Runs: `{first}`. Compute")
+    assert cost_provenance("s2").startswith(f"Runs: `{first}`; `{second}`. Compute")
+    # A folder indexed before runs recorded their commands names every command.
+    del index["runs"]["g1s0"]["commands"]
+    (results / "sweep.json").write_text(json.dumps(index))
+    assert cost_provenance("s1").startswith(f"Runs: `{first}`; `{second}`. Compute")
 
 
 def test_report_is_deterministic(results, tmp_path):

@@ -207,6 +207,9 @@ def test_index_accumulates_over_seed_by_seed_sweeps(tmp_path, grid, monkeypatch)
     assert index["preset"] == "tiny-grid"
     assert index["commands"] == [f"glora sweep {grid} --results {results} --seeds {s}" for s in (0, 1)]
     assert len(index["runs"]) == 12
+    # Each run names the one invocation whose grid held it: its seed's.
+    for entry in index["runs"].values():
+        assert entry["commands"] == [f"glora sweep {grid} --results {results} --seeds {entry['labels'][0]['seed']}"]
     central = [e for e in index["runs"].values() if e["labels"][0]["rule"] == "centralized"]
     assert sorted((lab["setting"], lab["seed"]) for e in central for lab in e["labels"]) == [
         ("iid", 0),

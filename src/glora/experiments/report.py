@@ -51,6 +51,7 @@ class Run:
     rounds: list[dict[str, Any]]
     error: str | None
     linked: bool = False  # a link to another sweep's run (glora sweep --reuse-from)
+    commands: list[str] | None = None  # the sweep commands whose grid holds it (None: not recorded)
 
 
 @dataclass
@@ -105,7 +106,19 @@ def load_results(results_dir: Path) -> Results:
         rounds = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
         error = (folder / ERROR).read_text().strip().splitlines()[-1] if status == FAILED else None
         config = _read_json(folder / CONFIG)
-        runs.append(Run(identity, entry["labels"], status, config, summary, rounds, error, linked=folder.is_symlink()))
+        runs.append(
+            Run(
+                identity,
+                entry["labels"],
+                status,
+                config,
+                summary,
+                rounds,
+                error,
+                linked=folder.is_symlink(),
+                commands=entry.get("commands"),
+            )
+        )
     return Results(index, runs)
 
 
@@ -189,7 +202,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _provenance(res: Results, runs: list[Run]) -> str:
-    commands = "; ".join(f"`{c}`" for c in res.index["commands"])
+    """The commands behind ``runs`` (every command of the folder where a run's were not
+    recorded: sweeps indexed before runs kept them), and their compute."""
+    if all(r.commands is not None for r in runs):
+        used = {c for r in runs for c in r.commands}
+        chosen = [c for c in res.index["commands"] if c in used]
+    else:
+        chosen = res.index["commands"]
+    commands = "; ".join(f"`{c}`" for c in chosen)
     return f"Runs: {commands}. Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {len(runs)} runs).\n"
 
 

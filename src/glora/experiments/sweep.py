@@ -78,7 +78,15 @@ def _update_index(path: Path, preset: Preset, runs: list[PlannedRun], command: s
     for run in runs:
         labels = list(entries.get(run.identity, {}).get("labels", []))
         labels += [lab.to_dict() for lab in run.labels if lab.to_dict() not in labels]
-        entries[run.identity] = {"labels": labels, "estimate_seconds": round(run.estimate_seconds, 1)}
+        # The invocations whose grid holds the run, so a report table names the commands behind
+        # its own runs rather than every command the folder has seen.
+        covering = list(entries.get(run.identity, {}).get("commands", []))
+        covering += [command] if command not in covering else []
+        entries[run.identity] = {
+            "labels": labels,
+            "estimate_seconds": round(run.estimate_seconds, 1),
+            "commands": covering,
+        }
     commands = list(old["commands"]) if old else []
     if command not in commands:
         commands.append(command)
