@@ -164,6 +164,14 @@ def test_report_is_deterministic(results, tmp_path):
 def test_report_errors(tmp_path, results):
     with pytest.raises(ValueError, match=r"has no sweep\.json"):
         write_report(tmp_path)
+    # A second config in a cell and seed (a preset changed under the folder) is refused, not
+    # averaged as if it were another seed.
+    index = json.loads((results / "sweep.json").read_text())
+    identity, entry = _run(results, "g1s0new", [("s1", 0)], "glora", 0.5)
+    (results / "sweep.json").write_text(json.dumps({**index, "runs": {**index["runs"], identity: entry}}))
+    with pytest.raises(ValueError, match=r"sst2/s1/glora/0: g1s0, g1s0new"):
+        write_report(results)
+    (results / "sweep.json").write_text(json.dumps(index))
     assert len(load_results(results).finished()) == 10
     for folder in results.iterdir():
         if folder.is_dir():

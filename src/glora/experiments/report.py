@@ -119,7 +119,27 @@ def load_results(results_dir: Path) -> Results:
                 commands=entry.get("commands"),
             )
         )
+    _check_one_run_per_cell(runs)
     return Results(index, runs)
+
+
+def _check_one_run_per_cell(runs: list[Run]) -> None:
+    """ValueError if two finished runs claim one cell and seed: the folder then mixes configs
+    (typically a preset changed under a results folder), and averaging them would pass two
+    configs off as two seeds."""
+    owners: dict[tuple[Any, ...], list[str]] = {}
+    for r in runs:
+        if r.status == FINISHED:
+            for lab in r.labels:
+                owners.setdefault((lab["task"], lab["setting"], lab["rule"], lab["seed"]), []).append(r.identity)
+    clashes = {cell: ids for cell, ids in owners.items() if len(ids) > 1}
+    if clashes:
+        listed = "; ".join(f"{'/'.join(map(str, cell))}: {', '.join(ids)}" for cell, ids in sorted(clashes.items()))
+        raise ValueError(
+            f"runs of different configs fill the same cell and seed ({listed}): the preset changed under "
+            "this results folder. Move the runs of the old config to a folder of their own (with their "
+            "sweep.json entries), or give the new preset its own --results folder"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
