@@ -8,12 +8,18 @@
 #      setting first, then seeds 1 and 2, then the controls; PARALLEL sweep processes share
 #      each results folder (a run is claimed by one of them), until DEADLINE seconds.
 # Everything lands in $OUT/sweeps.tar.gz (run folders without checkpoints, logs).
+# To continue the committed sweeps on a later lease rather than start afresh:
+#   TUNE=0 CONTINUE_FROM=results/sweeps bash results/sweeps/gpu_lease.sh
+# copies each committed sweep folder into the run area first (so finished runs are skipped and
+# the folders grow), and skips step 2 (the presets already hold the tuned rates).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 DEADLINE=${DEADLINE:-520}
 TUNING_DEADLINE=${TUNING_DEADLINE:-250}
 PARALLEL=${PARALLEL:-12}
+TUNE=${TUNE:-1}
+CONTINUE_FROM=${CONTINUE_FROM:-}
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/glora-out}
 R=${RUNS:-/tmp/runs}
@@ -77,12 +83,19 @@ export PY R
 
 # 2. the learning rate per task, and the search behind glora run's defaults (issue 4), both
 #    scored on the held-out slice of the training data
-pool tuning "$TUNING_DEADLINE" 'glora sweep lr-tuning --results $R/lr-tuning --threads 1 --no-progress
+if [ -n "$CONTINUE_FROM" ]; then
+  for d in "$CONTINUE_FROM"/*/; do
+    [ -f "$d/sweep.json" ] && cp -a "${d%/}" "$R/" && echo "continuing $(basename "$d"): $(ls "$d"/*/summary.json 2>/dev/null | wc -l) finished"
+  done
+fi
+[ "$TUNE" = 1 ] && pool tuning "$TUNING_DEADLINE" 'glora sweep lr-tuning --results $R/lr-tuning --threads 1 --no-progress
   glora sweep default-tuning --results $R/default-tuning --threads 1 --no-progress' 
 # Without a tuned rate for both tasks (tuning cut off by the deadline), the presets' own
-# rates (2e-3, from results/tuning) are used, and the log says so.
+# rates are used, and the log says so.
 LR_FROM=""
-if $PY -c "
+if [ "$TUNE" != 1 ]; then
+  echo "no tuning this lease: the presets' rates (the committed lr-tuning's choice) are used"
+elif $PY -c "
 from glora.experiments.tuned import tuned_lrs_from
 lrs = tuned_lrs_from('$R/lr-tuning'); print('tuned:', lrs); assert set(lrs) == {'sst2', 'cola'}"; then
   LR_FROM="--lr-from $R/lr-tuning"
