@@ -4,8 +4,8 @@
 #   1. a smoke sweep on the GPU (stops here, early, if anything is wrong);
 #   2. the lr-tuning preset (held-out slice of the training data) on SST-2 and CoLA, and the
 #      default-tuning preset (glora run's defaults, issue 4);
-#   3. the headline presets with the tuned rate per task (--lr-from), seed 0 of every
-#      setting first, then seeds 1 and 2, then the controls; PARALLEL sweep processes share
+#   3. the headline presets with the tuned rate per task (--lr-from), SST-2 then CoLA, seed 0
+#      of every setting first, then seeds 1 and 2, then the controls; PARALLEL sweep processes share
 #      each results folder (a run is claimed by one of them), until DEADLINE seconds.
 # Everything lands in $OUT/sweeps.tar.gz (run folders without checkpoints, logs).
 # To continue the committed sweeps on a later lease rather than start afresh:
@@ -105,8 +105,10 @@ fi
 export LR_FROM
 
 # 3. the headline settings with that rate
-chain='for s in 0 1 2; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
-  glora sweep $p --results $R/$p --seeds $s $LR_FROM --threads 1 --no-progress; done; done
+# SST-2 before CoLA: at these budgets every federated rule sits at MCC 0 on CoLA
+# (results/cola-probes), so SST-2's three seeds come first.
+chain='for t in sst2 cola; do for s in 0 1 2; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
+  glora sweep $p --results $R/$p --seeds $s --only-tasks $t $LR_FROM --threads 1 --no-progress; done; done; done
   glora sweep controls --results $R/controls $LR_FROM --threads 1 --no-progress'
 pool sweeps "$DEADLINE" "$chain"
 for d in "$R"/*/; do
