@@ -230,7 +230,8 @@ def _provenance(res: Results, runs: list[Run]) -> str:
     else:
         chosen = res.index["commands"]
     commands = "; ".join(f"`{c}`" for c in chosen)
-    return f"Runs: {commands}. Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {len(runs)} runs).\n"
+    n = f"{len(runs)} run" + "s" * (len(runs) != 1)
+    return f"Runs: {commands}. Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {n}).\n"
 
 
 def _learning_rates(res: Results) -> str:
