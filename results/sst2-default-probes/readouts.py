@@ -20,8 +20,7 @@ torch.set_num_threads(1)
 folder = sys.argv[1]
 cfg = RunConfig.from_saved(json.loads(Path(folder, "config.json").read_text()))
 fed = Federation(cfg.replace(threads=1), folder, progress=False)
-fed.begin(resume=True)
-st = fed.store.load_checkpoint()["state"]
+st = fed.begin(resume=True)
 task = fed.task
 
 
@@ -31,7 +30,7 @@ def accuracy_and_positive_share(model):
     return round(accuracy, 4), round(float(preds.float().mean()), 3)
 
 
-with fed.model.dense_update({n: s.delta() for n, s in st.layers.items()}, fed.ranks[0], st.head) as m:
+with fed.global_model(st) as m:
     print("global", accuracy_and_positive_share(m))
 for r, deltas in fed.received_deltas(st):
     with fed.model.dense_update(deltas, fed.ranks[0], st.head) as m:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,16 +370,20 @@ class Federation:
     def _evaluate(self, st: ServerState) -> dict[str, Any]:
         """The global model (base + the state's full delta()) and, for unequal ranks, the model
         a client of each rank receives (base + merge + its readout)."""
-        head_rank = self.ranks[0]
         out: dict[str, Any] = {}
-        with self.model.dense_update({n: s.delta() for n, s in st.layers.items()}, head_rank, st.head) as m:
+        with self.global_model(st) as m:
             out["eval"] = self.task.evaluate(m)
         if self.cfg.eval_ranks and len(set(self.ranks)) > 1:
             out["eval_by_rank"] = {}
             for r, deltas in self.received_deltas(st):
-                with self.model.dense_update(deltas, head_rank, st.head) as m:
+                with self.model.dense_update(deltas, self.ranks[0], st.head) as m:
                     out["eval_by_rank"][str(r)] = self.task.evaluate(m)
         return out
+
+    def global_model(self, st: ServerState) -> AbstractContextManager[torch.nn.Module]:
+        """The global model (base + the state's full delta() + the shared head) for the
+        duration of a ``with`` block."""
+        return self.model.dense_update({n: s.delta() for n, s in st.layers.items()}, self.ranks[0], st.head)
 
     def received_deltas(self, st: ServerState) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(rank, dense update per layer) of what a client of each rank receives: what was

@@ -132,18 +132,23 @@ class GlueTask:
         )[0]
 
     @torch.no_grad()
-    def predict(self, model: nn.Module) -> torch.Tensor:
-        """(n_eval,) predicted labels (regression: scores) on the evaluation split, in its
-        order; batches sorted by length so padding stays small."""
+    def eval_logits(self, model: nn.Module) -> torch.Tensor:
+        """(n_eval, num_labels) float32 logits (regression: one column of scores) on the
+        evaluation split, in its order; batches sorted by length so padding stays small."""
         model.eval()
         order = np.argsort([len(x) for x in self.eval.input_ids], kind="stable")
-        preds = torch.empty(len(order), dtype=torch.float32 if self.spec.is_regression else torch.long)
+        out = torch.empty(len(order), self.spec.num_labels, dtype=torch.float32)
         device = next(model.parameters()).device
         for start in range(0, len(order), self.cfg.eval_batch_size):
             idx = order[start : start + self.cfg.eval_batch_size]
-            logits = model(**to_device(self.inputs([self.eval.input_ids[i] for i in idx]), device)).logits.cpu()
-            preds[torch.as_tensor(idx)] = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
-        return preds
+            logits = model(**to_device(self.inputs([self.eval.input_ids[i] for i in idx]), device)).logits
+            out[torch.as_tensor(idx)] = logits.float().cpu()
+        return out
+
+    def predict(self, model: nn.Module) -> torch.Tensor:
+        """(n_eval,) predicted labels (regression: scores) on the evaluation split, in its order."""
+        logits = self.eval_logits(model)
+        return logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics on the evaluation split."""
