@@ -85,6 +85,7 @@ def test_end_to_end_glora_unequal_ranks_and_peft_export(tmp_path):
         assert (tmp_path / "run" / name).exists()
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["git_commit"] and meta["glora_version"]
+    assert meta["device"] == "cpu"  # where it trained: a sweep's time estimate compares like with like
 
     # The exported adapter reloads in peft and reproduces the global model's predictions.
     st = fed.store.load_checkpoint()["state"]

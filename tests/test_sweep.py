@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -16,9 +17,9 @@ from glora.experiments import sweep as sweep_mod
 from glora.experiments.estimate import CostModel, estimate_seconds
 from glora.experiments.grid import expand, load_preset, packaged_presets
 from glora.experiments.report import load_results, markdown
-from glora.experiments.sweep import ERROR, INDEX, TimeLeft, run_status, run_sweep, sweep_command
+from glora.experiments.sweep import ERROR, INDEX, TimeLeft, print_plan, run_status, run_sweep, sweep_command
 from glora.federation.config import RunConfig
-from glora.federation.results import RunStore
+from glora.federation.results import RunStore, run_device
 
 GRID = """
 name = "tiny-grid"
@@ -248,6 +249,40 @@ def test_time_left_scales_estimates_by_finished_runs(tmp_path, grid, monkeypatch
     half = clock.left(pending, current_done=0.5)
     assert half == pytest.approx(full - clock.ratio * 0.5 * all_runs[len(runs)].estimate_seconds)
     assert TimeLeft(all_runs, tmp_path / "empty").ratio == 1.0
+
+
+def test_time_left_leaves_out_runs_made_on_another_device(tmp_path, grid, monkeypatch):
+    """A GPU's runs say nothing about this CPU's speed: a sweep continued here scales its
+    estimates by the runs made here only, whether meta.json names the device or (older runs)
+    only the torch build does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    results = tmp_path / "results"
+    runs, _ = _sweep(grid, results, FakeRuns(), monkeypatch, seeds=[0])
+    all_runs = expand(load_preset(grid))
+    here = TimeLeft(all_runs, results)
+    assert here.elsewhere == 0 and here.ratio > 0
+    gpu_new, gpu_old, cpu_old = (results / r.identity / "meta.json" for r in runs[:3])
+    gpu_new.write_text(json.dumps({"device": "cuda", "torch": "2.13.0+cpu"}))
+    gpu_old.write_text(json.dumps({"torch": "2.11.0+cu130"}))
+    cpu_old.write_text(json.dumps({"torch": "2.13.0+cpu"}))
+    for r in runs[3:]:  # these took twice as long as the runs left in the estimate
+        summary = results / r.identity / "summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "wall_seconds": 60.0}))
+    clock = TimeLeft(all_runs, results)
+    assert clock.elsewhere == 2
+    kept = [runs[2], *runs[3:]]
+    assert clock.ratio == pytest.approx((30.0 + 60.0 * len(runs[3:])) / sum(r.estimate_seconds for r in kept))
+    buf = io.StringIO()
+    print_plan(all_runs, results, Console(file=buf, width=200))
+    assert "2 finished runs made on another kind of device left out" in buf.getvalue()
+
+
+def test_run_device_reads_meta_or_the_torch_build():
+    assert run_device({"device": "cuda", "torch": "2.13.0+cpu"}) == "cuda"
+    assert run_device({"torch": "2.11.0+cu130"}) == "cuda"
+    assert run_device({"torch": "2.13.0+cpu"}) == "cpu"
+    assert run_device({"torch": "2.13.0"}) is None  # a build without a tag says nothing
+    assert run_device({}) is None
 
 
 def test_estimate_by_hand():

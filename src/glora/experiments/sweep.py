@@ -28,8 +28,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from glora.experiments.grid import PlannedRun, Preset, expand, load_preset
-from glora.federation.results import CONFIG, METRICS, SUMMARY, write_json
+from glora.federation.results import CONFIG, METRICS, SUMMARY, RunStore, run_device, write_json
 from glora.federation.simulation import run_federation
+from glora.models.device import device_kind
 
 INDEX = "sweep.json"
 ERROR = "error.txt"
@@ -120,16 +121,25 @@ class TimeLeft:
     """Time left in a grid: the runs' estimates, scaled by how the finished runs' time
     compared with their estimates (1 before any has finished). Runs finished before this
     sweep count with their recorded wall time (which leaves out model loading), runs of this
-    sweep with the time their call took."""
+    sweep with the time their call took. Runs finished on another kind of device (a GPU's
+    runs, for a sweep continued on a CPU) say nothing about this machine's speed and are left
+    out (``elsewhere`` counts them)."""
 
     def __init__(self, runs: list[PlannedRun], results_dir: Path) -> None:
         self.estimates = {r.identity: r.estimate_seconds for r in runs}
         self.wall = 0.0
         self.estimated = 0.0
+        self.elsewhere = 0
         for r in runs:
-            summary = results_dir / r.identity / SUMMARY
-            if summary.exists():
-                self.add(r.identity, json.loads(summary.read_text())["wall_seconds"])
+            store = RunStore(results_dir / r.identity)
+            summary = store.path(SUMMARY)
+            if not summary.exists():
+                continue
+            made_on = run_device(store.meta() or {})
+            if made_on is not None and made_on != device_kind(r.config.device):
+                self.elsewhere += 1
+                continue
+            self.add(r.identity, json.loads(summary.read_text())["wall_seconds"])
 
     def add(self, identity: str, wall_seconds: float) -> None:
         self.wall += wall_seconds
@@ -325,7 +335,11 @@ def print_plan(runs: list[PlannedRun], results_dir: Path, console: Console) -> f
         f"the preset's estimates x {clock.ratio:.2f}, the finished runs' time over their estimates"
         if clock.estimated > 0
         else "the preset's per-step estimates; no run has finished yet"
+        if not clock.elsewhere
+        else "the preset's per-step estimates"
     )
+    if clock.elsewhere:
+        basis += f"; {clock.elsewhere} finished runs made on another kind of device left out"
     console.print(
         f"{len(runs) - len(pending)} finished, {len(pending)} to run; estimated time left {format_duration(left)} "
         f"({basis})"

@@ -57,6 +57,20 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def run_device(meta: dict[str, Any]) -> str | None:
+    """The device type a run trained on, from its meta.json: the recorded ``device``, or for
+    runs made before it was recorded, the torch build's tag ("+cpu" or "+cuNNN"); None where
+    neither says."""
+    if meta.get("device"):
+        return str(meta["device"])
+    build = str(meta.get("torch", "")).partition("+")[2]
+    if build == "cpu":
+        return "cpu"
+    if build.startswith("cu"):
+        return "cuda"
+    return None
+
+
 class RunStore:
     """The files of one run folder."""
 
@@ -66,7 +80,11 @@ class RunStore:
     def path(self, name: str) -> Path:
         return self.folder / name
 
-    def start(self, config: dict[str, Any], identity: str, command: list[str] | None = None) -> None:
+    def start(
+        self, config: dict[str, Any], identity: str, command: list[str] | None = None, device: str | None = None
+    ) -> None:
+        """Write config.json and meta.json (how and where the run was made: ``device`` is the
+        torch device type the model trains on, which the config's "auto" leaves open)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.path(CONFIG), {"identity": identity, **config})
         write_json(
@@ -80,8 +98,13 @@ class RunStore:
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "machine": platform.machine(),
+                "device": device,
             },
         )
+
+    def meta(self) -> dict[str, Any] | None:
+        p = self.path(META)
+        return json.loads(p.read_text()) if p.exists() else None
 
     def config(self) -> dict[str, Any] | None:
         p = self.path(CONFIG)

@@ -430,7 +430,7 @@ class Federation:
             store.truncate_metrics(st.round)
             self.console.print(f"[bold]resuming[/bold] {store.folder} after round {st.round}")
         elif existing is None:
-            store.start(cfg.to_dict(), cfg.identity(), command=command)
+            store.start(cfg.to_dict(), cfg.identity(), command=command, device=resolve_device(cfg.device).type)
         else:
             store.truncate_metrics(0)
         self.started = time.perf_counter() - st.elapsed

@@ -11,7 +11,7 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` (the first CUDA device when there is one, else the CPU), or any torch
     device name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device_kind(name))
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -21,6 +21,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
+
+
+def device_kind(name: str) -> str:
+    """The device type a run configured with ``name`` trains on here ("cpu", "cuda", ...),
+    without the checks of ``resolve_device``: a dry run may list CUDA runs on a CPU machine."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
