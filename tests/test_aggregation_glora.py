@@ -175,3 +175,41 @@ def test_no_dense_matrix_for_a_huge_layer():
     grown_gb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
     assert out.B.shape == (d_out, 4) and out.A.shape == (4, d_in)
     assert grown_gb < 4.0  # far below one dense float32 copy (240 GB)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_keep_tail_leaves_a_state_its_clients_did_not_move_unchanged(batched, monkeypatch):
+    """Clients of ranks 2/4/8/16 that hand back exactly the readout they received (no local
+    progress): with keep_tail the round returns the previous state; as published, it keeps
+    only sum_i w_i trunc_{r_i}(state), so the directions beyond rank 2 shrink."""
+    ranks, w = [2, 4, 8, 16], [3.0, 1.0, 2.0, 4.0]
+    start = get_rule("glora").aggregate(make_updates(ranks, d_out=96, d_in=80), w)
+    assert start.rank == 16
+    scale = 2.0
+    received = [start.readout(r, scale) for r in ranks]
+    weights = torch.tensor(w, dtype=torch.float64) / sum(w)
+    truncated_mean = sum(wi * start.truncated(r, scale).delta() for wi, r in zip(weights, ranks, strict=True))
+    for keep_tail, expected in ((True, start.delta()), (False, truncated_mean)):
+        rule = get_rule("glora", keep_tail=keep_tail)
+        if batched:  # the route a whole model takes; it must not fall back to layer by layer
+            monkeypatch.setattr(rule, "aggregate", lambda *a, **k: pytest.fail("not batched"))
+            state = rule.aggregate_layers({"q": received}, w, previous={"q": start})["q"]
+        else:
+            state = rule.aggregate(received, w, previous=start)
+        assert rel_err(state.delta(), expected) < 1e-9
+    assert rel_err(truncated_mean, start.delta()) > 0.05  # the published rule really loses the tail
+
+
+def test_tail_completes_the_truncated_readout(unequal):
+    ups, w = unequal
+    state = get_rule("glora").aggregate(ups, w)
+    for r in (1, 3, state.rank):
+        tail = state.tail(r, 0.5)
+        whole = state.truncated(r, 0.5).delta() + (0 if tail is None else tail.delta())
+        assert rel_err(whole, state.delta()) < 1e-12
+    assert state.tail(state.rank, 0.5) is None
+
+
+def test_keep_tail_refuses_merge_and_restart():
+    with pytest.raises(ValueError, match="keep_tail needs warm start"):
+        get_rule("glora", keep_tail=True, restart=True)

@@ -65,6 +65,13 @@ class GLoRA(Rule):
         (0: this round's participants only).
     restart: clients merge the state into their base weights and start a fresh adapter
         (merge-and-restart) instead of continuing from the readout (warm start).
+    keep_tail: under warm start, add to each client's update the part of the previous state
+        its rank-r readout left out (the state's components beyond r), so the round's result
+        is the previous state plus the clients' mean progress. Without it (the method as
+        published) every round keeps only sum_i w_i trunc_{r_i}(state) of what was there:
+        with unequal ranks the state's directions beyond the smallest ranks shrink by the
+        low-rank clients' share of the weight each round. The server knows what it sent, so
+        this costs no traffic. Not in the paper: an option of this package, off by default.
     dtype: server math dtype (float64 default; float32 is faster).
     rtol: relative tolerance of the numerical ranks.
     seed: seed of the fresh LoRA rows that pad a rank-deficient readout.
@@ -81,6 +88,7 @@ class GLoRA(Rule):
         readout_gauge: ReadoutGauge = "a-normal",
         memory: float = 0.0,
         restart: bool = False,
+        keep_tail: bool = False,
         dtype: torch.dtype = torch.float64,
         rtol: float = DEFAULT_RTOL,
         seed: int = 0,
@@ -98,10 +106,13 @@ class GLoRA(Rule):
         if not 0 <= memory < 1:
             raise ValueError(f"glora: memory must be in [0, 1), got {memory}")
         self.rank, self.threshold, self.consensus, self.sides = rank, threshold, consensus, sides
-        self.readout_gauge, self.memory, self.restart = readout_gauge, memory, restart
+        if keep_tail and restart:
+            raise ValueError("glora: keep_tail needs warm start (clients continue from the readout); drop restart")
+        self.readout_gauge, self.memory, self.restart, self.keep_tail = readout_gauge, memory, restart, keep_tail
         self.dtype, self.rtol, self.seed = dtype, rtol, seed
 
     def _aggregate(self, updates: list[LowRank], weights: Tensor, previous: LayerState | None) -> SpectralState:
+        updates = self._with_tails(updates, previous)
         stacked = self._stack(updates, weights)
         R = self.rank or max(u.rank for u in updates)
         prev = previous if isinstance(previous, SpectralState) and self.memory > 0 else None
@@ -141,8 +152,12 @@ class GLoRA(Rule):
         previous = previous or {}
         out: dict[str, LayerState | None] = dict.fromkeys(updates)
         batches: dict[tuple, list[str]] = {}
+        full: dict[str, list[LowRank]] = {}  # the well-formed layers' updates, with tails where kept
         for name, ups in updates.items():
             key = self._batch_key(ups, previous.get(name))
+            if key is not None:
+                full[name] = self._with_tails(list(ups), previous.get(name))
+                key = self._batch_key(full[name], previous.get(name))
             if key is None:
                 out[name] = self.aggregate(ups, weights, previous.get(name))
             else:
@@ -156,13 +171,29 @@ class GLoRA(Rule):
                 size = max(1, CHUNK_BYTES // per_layer)
                 for start in range(0, len(names), size):
                     chunk = names[start : start + size]
-                    results = glora_batch([updates[n] for n in chunk], w, opts, self.dtype)
+                    results = glora_batch([full[n] for n in chunk], w, opts, self.dtype)
                     for n, res in zip(chunk, results, strict=True):
                         if res is None:
                             out[n] = self.aggregate(updates[n], weights, previous.get(n))
                         else:
-                            out[n] = self._state(*res, updates[n])
+                            out[n] = self._state(*res, full[n])
         return out  # type: ignore[return-value]
+
+    def _with_tails(self, updates: list[LowRank], previous: LayerState | None) -> list[LowRank]:
+        """With ``keep_tail``: each update (B_i, A_i) of rank r_i extended by the previous
+        state's tail beyond r_i, [B_i, B_t] and [A_i; A_t] at the client's scale, so that it
+        represents Delta_i + (state - trunc_{r_i}(state)). Otherwise the updates as they are."""
+        if not self.keep_tail or not isinstance(previous, SpectralState):
+            return updates
+        out = []
+        for u in updates:
+            t = previous.tail(u.rank, u.scale)
+            out.append(
+                u
+                if t is None
+                else LowRank(torch.cat([u.B, t.B.to(u.dtype)], 1), torch.cat([u.A, t.A.to(u.dtype)]), u.scale)
+            )
+        return out
 
     def _batch_key(self, updates: Sequence[LowRank], previous: LayerState | None) -> tuple | None:
         """What a layer is batched by, (d_out, d_in, client ranks, client dtype), or None where it
@@ -212,4 +243,3 @@ class GLoRA(Rule):
             ref = 1.0 if self.consensus == "projector" else float(eig[0])
             k = min(k, int((eig >= self.threshold * ref).sum()))
         return U[:, :k]
-

@@ -75,6 +75,15 @@ class SpectralState(LayerState):
             A = torch.cat([A, pad_A], dim=0)
         return LowRank(B.to(self.out_dtype), A.to(self.out_dtype), scale)
 
+    def tail(self, rank: int, scale: float) -> LowRank | None:
+        """What a rank-``rank`` readout leaves out: the state's components beyond ``rank``,
+        as factors with ``scale`` (B (d_out, k - rank), A (k - rank, d_in)); None where the
+        readout holds the whole state. truncated(rank) + tail(rank) is the state."""
+        if rank >= self.rank:
+            return None
+        lam, Ub, Q = self.lam[rank:], self.Ub[:, rank:], self.Q[:, rank:]
+        return LowRank((Ub * (lam / scale)).to(self.out_dtype), Q.T.to(self.out_dtype), scale)
+
     def merge(self) -> LowRank | None:
         if not self.restart or self.rank == 0:
             return None
