@@ -188,11 +188,9 @@ class GLoRA(Rule):
         out = []
         for u in updates:
             t = previous.tail(u.rank, u.scale)
-            out.append(
-                u
-                if t is None
-                else LowRank(torch.cat([u.B, t.B.to(u.dtype)], 1), torch.cat([u.A, t.A.to(u.dtype)]), u.scale)
-            )
+            if t is not None:
+                u = LowRank(torch.cat([u.B, t.B.to(u.dtype)], 1), torch.cat([u.A, t.A.to(u.dtype)]), u.scale)
+            out.append(u)
         return out
 
     def _batch_key(self, updates: Sequence[LowRank], previous: LayerState | None) -> tuple | None:

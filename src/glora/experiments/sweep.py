@@ -132,14 +132,14 @@ class TimeLeft:
         self.elsewhere = 0
         for r in runs:
             store = RunStore(results_dir / r.identity)
-            summary = store.path(SUMMARY)
-            if not summary.exists():
+            summary = store.summary()
+            if summary is None:
                 continue
             made_on = run_device(store.meta() or {})
             if made_on is not None and made_on != device_kind(r.config.device):
                 self.elsewhere += 1
                 continue
-            self.add(r.identity, json.loads(summary.read_text())["wall_seconds"])
+            self.add(r.identity, summary["wall_seconds"])
 
     def add(self, identity: str, wall_seconds: float) -> None:
         self.wall += wall_seconds
@@ -331,13 +331,12 @@ def print_plan(runs: list[PlannedRun], results_dir: Path, console: Console) -> f
     console.print(table)
     clock = TimeLeft(runs, results_dir)
     left = clock.left(pending)
-    basis = (
-        f"the preset's estimates x {clock.ratio:.2f}, the finished runs' time over their estimates"
-        if clock.estimated > 0
-        else "the preset's per-step estimates; no run has finished yet"
-        if not clock.elsewhere
-        else "the preset's per-step estimates"
-    )
+    if clock.estimated > 0:
+        basis = f"the preset's estimates x {clock.ratio:.2f}, the finished runs' time over their estimates"
+    elif clock.elsewhere:
+        basis = "the preset's per-step estimates"
+    else:
+        basis = "the preset's per-step estimates; no run has finished yet"
     if clock.elsewhere:
         basis += f"; {clock.elsewhere} finished runs made on another kind of device left out"
     console.print(

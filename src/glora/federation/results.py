@@ -102,13 +102,15 @@ class RunStore:
             },
         )
 
-    def meta(self) -> dict[str, Any] | None:
-        p = self.path(META)
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        p = self.path(name)
         return json.loads(p.read_text()) if p.exists() else None
 
+    def meta(self) -> dict[str, Any] | None:
+        return self._read_json(META)
+
     def config(self) -> dict[str, Any] | None:
-        p = self.path(CONFIG)
-        return json.loads(p.read_text()) if p.exists() else None
+        return self._read_json(CONFIG)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.path(METRICS).open("a") as f:
@@ -146,5 +148,4 @@ class RunStore:
         write_json(self.path(SUMMARY), summary)
 
     def summary(self) -> dict[str, Any] | None:
-        p = self.path(SUMMARY)
-        return json.loads(p.read_text()) if p.exists() else None
+        return self._read_json(SUMMARY)

@@ -31,7 +31,7 @@ from glora.federation.results import ADAPTER, RunStore
 from glora.federation.tasks import FederatedTask, GlueTask
 from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
 from glora.models.backbones import POOLINGS
-from glora.models.device import resolve_device
+from glora.models.device import device_kind, resolve_device
 from glora.models.lora import AdaptedModel, export_adapter
 
 
@@ -430,7 +430,7 @@ class Federation:
             store.truncate_metrics(st.round)
             self.console.print(f"[bold]resuming[/bold] {store.folder} after round {st.round}")
         elif existing is None:
-            store.start(cfg.to_dict(), cfg.identity(), command=command, device=resolve_device(cfg.device).type)
+            store.start(cfg.to_dict(), cfg.identity(), command=command, device=device_kind(cfg.device))
         else:
             store.truncate_metrics(0)
         self.started = time.perf_counter() - st.elapsed
