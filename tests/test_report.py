@@ -151,6 +151,34 @@ def test_each_table_names_the_commands_of_its_own_runs(results):
     assert cost_provenance("s1").startswith(f"Runs: `{first}`; `{second}`. Compute")
 
 
+def test_cells_whose_seeds_trained_on_different_devices_are_marked(results):
+    """Seed 0 of glora/s1 on a GPU, the rest on the CPU (one older run known only by its torch
+    build's tag): that cell, and only it, carries the mark; each table counts its devices."""
+    for identity in ("g1s0", "g1s1", "g1s2", "f1s0", "f1s1", "f1s2", "c0", "g2s0", "g2s1", "f2s0"):
+        meta = {"device": "cuda"} if identity == "g1s0" else {"device": "cpu"}
+        if identity == "g1s2":
+            meta = {"torch": "2.13.0+cpu"}
+        (results / identity / "meta.json").write_text(json.dumps(meta))
+    write_report(results, plots=False)
+    md = (results / "report.md").read_text()
+    assert "| glora | 0.8200 ± 0.0200 (3) ‡ | **0.7100 ± 0.0141** (2) |" in md
+    assert "| fedit | **0.8233 ± 0.0306** (3) | 0.7050 (1) |" in md
+    assert "‡ the seeds of this cell trained on different kinds of device" in md
+    assert "(wall time of 10 runs). Trained on: cpu (9), cuda (1)." in md
+    rows = _csv_rows(results / "report.csv")
+    assert rows["s1", "glora", "final.accuracy"]["devices"] == "cpu+cuda"
+    assert rows["s1", "fedit", "final.accuracy"]["devices"] == "cpu"
+    # A run with no meta.json is counted as such, and it too splits a cell from its recorded seeds.
+    (results / "g1s0" / "meta.json").unlink()
+    md = markdown(load_results(results), {})
+    assert "Trained on: cpu (9), not recorded (1)." in md and "| glora | 0.8200 ± 0.0200 (3) ‡ |" in md
+
+
+def test_one_kind_of_device_marks_nothing(results):
+    md = markdown(load_results(results), {})
+    assert "‡" not in md and "Trained on: not recorded (10)." in md
+
+
 def test_report_is_deterministic(results, tmp_path):
     first = write_report(results, tmp_path / "a")
     second = write_report(results, tmp_path / "b")

@@ -19,7 +19,7 @@ import numpy as np
 
 from glora.aggregation import RULES
 from glora.experiments.sweep import ERROR, FAILED, FINISHED, INDEX, run_status
-from glora.federation.results import CONFIG, METRICS, SUMMARY, atomic_write
+from glora.federation.results import CONFIG, META, METRICS, SUMMARY, atomic_write, run_device
 
 REFERENCES = ("centralized", "local")
 MIB = 2.0**20
@@ -52,6 +52,7 @@ class Run:
     error: str | None
     linked: bool = False  # a link to another sweep's run (glora sweep --reuse-from)
     commands: list[str] | None = None  # the sweep commands whose grid holds it (None: not recorded)
+    device: str | None = None  # the kind of device it trained on ("cpu", "cuda"; None: not recorded)
 
 
 @dataclass
@@ -106,6 +107,7 @@ def load_results(results_dir: Path) -> Results:
         rounds = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
         error = (folder / ERROR).read_text().strip().splitlines()[-1] if status == FAILED else None
         config = _read_json(folder / CONFIG)
+        meta = _read_json(folder / META)
         runs.append(
             Run(
                 identity,
@@ -117,6 +119,7 @@ def load_results(results_dir: Path) -> Results:
                 error,
                 linked=folder.is_symlink(),
                 commands=entry.get("commands"),
+                device=run_device(meta) if meta else None,
             )
         )
     _check_one_run_per_cell(runs)
@@ -183,6 +186,12 @@ def curve(res: Results, task: str, setting: str, rule: str, metric: str) -> tupl
     return rounds, [Stat.of([s[t] for s in per_seed]) for t in rounds]
 
 
+def mixes_devices(res: Results, task: str, setting: str, rule: str) -> bool:
+    """Whether the seeds of a cell trained on more than one kind of device: their spread then
+    holds the devices' different numerics as well as the seeds'."""
+    return len({run.device for _, run in res.cell(task, setting, rule)}) > 1
+
+
 def ranks_of(res: Results, task: str, setting: str) -> list[str]:
     """Client ranks with a per-rank result in (task, setting), in increasing order."""
     ranks = {k for r in res.runs_of(task, setting) for k in (r.summary.get("final_by_rank") or {})}
@@ -194,11 +203,11 @@ def compute_seconds(runs: list[Run]) -> float:
 
 
 # -- formatting ---------------------------------------------------------------------------------------
-def fmt(stat: Stat | None, best: bool = False) -> str:
+def fmt(stat: Stat | None, best: bool = False, mixed: bool = False) -> str:
     if stat is None:
         return ""
     text = f"{stat.mean:.4f}" + (f" ± {stat.std:.4f}" if stat.std is not None else "")
-    return (f"**{text}**" if best else text) + f" ({stat.n})"
+    return (f"**{text}**" if best else text) + f" ({stat.n})" + (" ‡" if mixed else "")
 
 
 def _best(stats: dict[str, Stat | None]) -> set[str]:
@@ -231,7 +240,16 @@ def _provenance(res: Results, runs: list[Run]) -> str:
         chosen = res.index["commands"]
     commands = "; ".join(f"`{c}`" for c in chosen)
     n = f"{len(runs)} run" + "s" * (len(runs) != 1)
-    return f"Runs: {commands}. Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {n}).\n"
+    return f"Runs: {commands}. Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {n}). {_devices(runs)}\n"
+
+
+def _devices(runs: list[Run]) -> str:
+    """Which kinds of device trained ``runs``, with counts, in a fixed order."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        name = r.device or "not recorded"
+        counts[name] = counts.get(name, 0) + 1
+    return "Trained on: " + ", ".join(f"{d} ({n})" for d, n in sorted(counts.items())) + "."
 
 
 def _learning_rates(res: Results) -> str:
@@ -280,8 +298,16 @@ def markdown(res: Results, plots: dict[str, str]) -> str:
         "of seeds. **Bold**: the best federated rule of the column (references excluded; ties all bold). "
         "† the mean of the clients' own models (a personalised rule), not one global model. "
         "The centralized reference pools every client's data, so the partition and client ranks do not "
-        "apply to it: one run fills every column it shares.\n"
+        "apply to it: one run fills every column it shares."
     )
+    if any(
+        mixes_devices(res, t, s, r) for t in res.axis("tasks") for s in res.axis("settings") for r in res.axis("rules")
+    ):
+        out.append(
+            " ‡ the seeds of this cell trained on different kinds of device (each table says which, with "
+            "counts): its spread holds the devices' different numerics as well as the seeds'."
+        )
+    out.append("\n")
     for task in res.axis("tasks"):
         metric = res.main_metric(task)
         settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
@@ -318,7 +344,7 @@ def _metric_rows(res: Results, task: str, settings: list[str], rules: list[str],
     stats = {(s, r): final_stat(res, task, s, r, metric) for s in settings for r in rules}
     best = {s: _best({r: stats[s, r] for r in rules}) for s in settings}
     return [
-        [_rule_name(r), *(fmt(stats[s, r], r in best[s]) for s in settings)]
+        [_rule_name(r), *(fmt(stats[s, r], r in best[s], mixes_devices(res, task, s, r)) for s in settings)]
         for r in rules
         if any(stats[s, r] is not None for s in settings)
     ]
@@ -329,7 +355,8 @@ def _rank_rows(res: Results, task: str, setting: str, ranks: list[str], metric: 
     cols: list[str | None] = [None, *ranks]
     stats = {(c, r): final_stat(res, task, setting, r, metric, rank=c) for c in cols for r in rules}
     best = {c: _best({r: stats[c, r] for r in rules}) for c in cols}
-    return [[_rule_name(r), *(fmt(stats[c, r], r in best[c]) for c in cols)] for r in rules]
+    mixed = {r: mixes_devices(res, task, setting, r) for r in rules}
+    return [[_rule_name(r), *(fmt(stats[c, r], r in best[c], mixed[r]) for c in cols)] for r in rules]
 
 
 def _cost_section(res: Results, plots: dict[str, str]) -> str:
@@ -374,10 +401,11 @@ def _incomplete_section(res: Results) -> str:
 
 
 def csv_text(res: Results) -> str:
-    """Long format: one row per (task, setting, rule, quantity), with n, mean and std."""
+    """Long format: one row per (task, setting, rule, quantity), with n, mean, std and the
+    kinds of device the cell's runs trained on ("cpu+cuda" where its seeds mix them)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["task", "setting", "rule", "quantity", "n", "mean", "std"])
+    w.writerow(["task", "setting", "rule", "quantity", "n", "mean", "std", "devices"])
     for task in res.axis("tasks"):
         for setting in res.axis("settings"):
             for rule in res.axis("rules"):
@@ -390,6 +418,7 @@ def csv_text(res: Results) -> str:
                     for rank in ranks_of(res, task, setting):
                         rows[f"rank{rank}.{m}"] = final_stat(res, task, setting, rule, m, rank=rank)
                 runs = [r for _, r in cell]
+                devices = "+".join(sorted({r.device or "not recorded" for r in runs}))
 
                 def per_round(key: str, unit: float = 1.0, runs: list[Run] = runs) -> Stat:
                     return Stat.of([float(np.mean([x[key] for x in r.rounds])) / unit for r in runs])
@@ -401,7 +430,7 @@ def csv_text(res: Results) -> str:
                 for quantity, s in rows.items():
                     if s is not None:
                         std = "" if s.std is None else f"{s.std:.6f}"
-                        w.writerow([task, setting, rule, quantity, s.n, f"{s.mean:.6f}", std])
+                        w.writerow([task, setting, rule, quantity, s.n, f"{s.mean:.6f}", std, devices])
     return buf.getvalue()
 
 
