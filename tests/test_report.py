@@ -127,6 +127,13 @@ def test_numbers_equal_a_hand_computation(results):
     assert "sst2: learning rate 0.002, shared by every rule." in md
     assert "| f2s1 | failed | sst2/s2/fedit/seed 1 | RuntimeError: out of memory |" in md
     assert "| g2s2 | interrupted | sst2/s2/glora/seed 2 |  |" in md
+    # Seed by seed, glora - fedit on s1: +0.01, -0.03, +0.01 -> mean -0.01/3; deviations
+    # 0.04/3, -0.08/3, 0.04/3: squares sum to 0.0096/9, / 2, sqrt = 0.0230940; ahead on 2 of 3.
+    # Cells with one seed in common (s2's fedit, either centralized column) are left out.
+    paired = md.split("## glora against each rule, seed by seed")[1].split("\n## ")[0]
+    assert "| against | s1 | s2 |" in paired
+    assert "| fedit | -0.0033 ± 0.0231 (3; ahead on 2) |  |" in paired
+    assert "centralized" not in paired
 
 
 def test_each_table_names_the_commands_of_its_own_runs(results):

@@ -161,6 +161,20 @@ def final_stat(res: Results, task: str, setting: str, rule: str, metric: str, ra
     return Stat.of(values) if values else None
 
 
+def paired_stat(res: Results, task: str, setting: str, rule: str, other: str, metric: str) -> tuple[Stat, int] | None:
+    """``rule``'s final metric minus ``other``'s, over the seeds both finished, and on how many
+    of those seeds ``rule`` came out ahead. A seed fixes the partition, the sampled clients and
+    the initial adapters for every rule, so the difference on one seed compares the rules on
+    the same data: the spread of the difference is the rules', without the splits'."""
+    mine = {seed: run.summary["final"][metric] for seed, run in res.cell(task, setting, rule)}
+    theirs = {seed: run.summary["final"][metric] for seed, run in res.cell(task, setting, other)}
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    diffs = [mine[s] - theirs[s] for s in seeds]
+    return Stat.of(diffs), sum(d > 0 for d in diffs)
+
+
 def cost_stats(res: Results, setting: str, rule: str) -> dict[str, Stat] | None:
     """Per-round costs of every run of (setting, rule), over tasks and seeds."""
     runs = {r.identity: r for task in res.axis("tasks") for _, r in res.cell(task, setting, rule)}
@@ -327,6 +341,7 @@ def markdown(res: Results, plots: dict[str, str]) -> str:
             out.append(_table(["rule", "global", *(f"rank {r}" for r in ranks)], rows))
             if f"by_rank/{task}/{setting}" in plots:
                 out.append(f"\n![{metric} by rank]({plots[f'by_rank/{task}/{setting}']})\n")
+    out.append(_paired_section(res))
     curves = [k for k in plots if k.startswith("curve/")]
     if curves:
         out.append(
@@ -357,6 +372,43 @@ def _rank_rows(res: Results, task: str, setting: str, ranks: list[str], metric: 
     best = {c: _best({r: stats[c, r] for r in rules}) for c in cols}
     mixed = {r: mixes_devices(res, task, setting, r) for r in rules}
     return [[_rule_name(r), *(fmt(stats[c, r], r in best[c], mixed[r]) for c in cols)] for r in rules]
+
+
+def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> str:
+    """GLoRA against each other rule, seed by seed, where both have ``min_seeds`` seeds in common."""
+    if anchor not in res.axis("rules"):
+        return ""
+    out = []
+    for task in res.axis("tasks"):
+        metric = res.main_metric(task)
+        settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
+        rows = []
+        for rule in res.axis("rules"):
+            if rule == anchor:
+                continue
+            pairs = {s: paired_stat(res, task, s, anchor, rule, metric) for s in settings}
+            pairs = {s: p for s, p in pairs.items() if p is not None and p[0].n >= min_seeds}
+            if pairs:
+                rows.append([_rule_name(rule), *(_fmt_pair(pairs.get(s)) for s in settings)])
+        if rows:
+            out.append(f"\n### {task}: {metric}\n\n" + _table(["against", *settings], rows))
+    if not out:
+        return ""
+    head = (
+        f"\n## {anchor} against each rule, seed by seed\n\nEach cell: {anchor}'s final metric minus the rule's, "
+        f"mean ± sample standard deviation over the seeds both finished (n), and on how many of them {anchor} "
+        "came out ahead. A seed fixes the partition, the sampled clients and the initial adapters for every "
+        "rule, so this spread is the rules' own, without the splits' (which dominates the tables above). "
+        f"Only cells with at least {min_seeds} seeds in common.\n"
+    )
+    return head + "".join(out)
+
+
+def _fmt_pair(pair: tuple[Stat, int] | None) -> str:
+    if pair is None:
+        return ""
+    stat, ahead = pair
+    return f"{stat.mean:+.4f} ± {stat.std:.4f} ({stat.n}; ahead on {ahead})"
 
 
 def _cost_section(res: Results, plots: dict[str, str]) -> str:
