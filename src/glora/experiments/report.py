@@ -398,7 +398,7 @@ def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> 
         f"\n## {anchor} against each rule, seed by seed\n\nEach cell: {anchor}'s final metric minus the rule's, "
         f"mean ± sample standard deviation over the seeds both finished (n), and on how many of them {anchor} "
         "came out ahead. A seed fixes the partition, the sampled clients and the initial adapters for every "
-        "rule, so this spread is the rules' own, without the splits' (which dominates the tables above). "
+        "rule, so this spread is the rules' own, without the splits' (which can dominate the tables above). "
         f"Only cells with at least {min_seeds} seeds in common.\n"
     )
     return head + "".join(out)
