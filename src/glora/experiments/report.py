@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 
 from glora.aggregation import RULES
 from glora.experiments.sweep import ERROR, FAILED, FINISHED, INDEX, run_status
-from glora.federation.results import CONFIG, META, METRICS, SUMMARY, atomic_write, run_device
+from glora.federation.results import RunStore, atomic_write, run_device
 
 REFERENCES = ("centralized", "local")
 MIB = 2.0**20
@@ -53,6 +54,10 @@ class Run:
     linked: bool = False  # a link to another sweep's run (glora sweep --reuse-from)
     commands: list[str] | None = None  # the sweep commands whose grid holds it (None: not recorded)
     device: str | None = None  # the kind of device it trained on ("cpu", "cuda"; None: not recorded)
+
+    @property
+    def device_name(self) -> str:
+        return self.device or "not recorded"
 
 
 @dataclass
@@ -102,24 +107,20 @@ def load_results(results_dir: Path) -> Results:
     for identity, entry in sorted(index["runs"].items()):
         folder = results_dir / identity
         status = run_status(folder)
-        summary = _read_json(folder / SUMMARY)
-        metrics = folder / METRICS
-        rounds = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        store = RunStore(folder)
         error = (folder / ERROR).read_text().strip().splitlines()[-1] if status == FAILED else None
-        config = _read_json(folder / CONFIG)
-        meta = _read_json(folder / META)
         runs.append(
             Run(
                 identity,
                 entry["labels"],
                 status,
-                config,
-                summary,
-                rounds,
+                store.config(),
+                store.summary(),
+                store.metrics(),
                 error,
                 linked=folder.is_symlink(),
                 commands=entry.get("commands"),
-                device=run_device(meta) if meta else None,
+                device=run_device(store.meta() or {}),
             )
         )
     _check_one_run_per_cell(runs)
@@ -145,20 +146,24 @@ def _check_one_run_per_cell(runs: list[Run]) -> None:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 # -- numbers ----------------------------------------------------------------------------------------
 def final_stat(res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None) -> Stat | None:
     """The final-round metric of a cell over seeds: the run's main result (``final``), or the
     model a client of ``rank`` receives."""
-    values = []
-    for _, run in res.cell(task, setting, rule):
+    values = list(final_values(res, task, setting, rule, metric, rank).values())
+    return Stat.of(values) if values else None
+
+
+def final_values(
+    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None
+) -> dict[int, float]:
+    """The final-round metric of each seed of a cell that recorded it (see ``final_stat``)."""
+    values = {}
+    for seed, run in res.cell(task, setting, rule):
         source = run.summary.get("final") if rank is None else (run.summary.get("final_by_rank") or {}).get(rank)
         if source is not None and metric in source:
-            values.append(source[metric])
-    return Stat.of(values) if values else None
+            values[seed] = source[metric]
+    return values
 
 
 def paired_stat(res: Results, task: str, setting: str, rule: str, other: str, metric: str) -> tuple[Stat, int] | None:
@@ -166,8 +171,8 @@ def paired_stat(res: Results, task: str, setting: str, rule: str, other: str, me
     of those seeds ``rule`` came out ahead. A seed fixes the partition, the sampled clients and
     the initial adapters for every rule, so the difference on one seed compares the rules on
     the same data: the spread of the difference is the rules', without the splits'."""
-    mine = {seed: run.summary["final"][metric] for seed, run in res.cell(task, setting, rule)}
-    theirs = {seed: run.summary["final"][metric] for seed, run in res.cell(task, setting, other)}
+    mine = final_values(res, task, setting, rule, metric)
+    theirs = final_values(res, task, setting, other, metric)
     seeds = sorted(set(mine) & set(theirs))
     if not seeds:
         return None
@@ -259,10 +264,7 @@ def _provenance(res: Results, runs: list[Run]) -> str:
 
 def _devices(runs: list[Run]) -> str:
     """Which kinds of device trained ``runs``, with counts, in a fixed order."""
-    counts: dict[str, int] = {}
-    for r in runs:
-        name = r.device or "not recorded"
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(r.device_name for r in runs)
     return "Trained on: " + ", ".join(f"{d} ({n})" for d, n in sorted(counts.items())) + "."
 
 
@@ -470,7 +472,7 @@ def csv_text(res: Results) -> str:
                     for rank in ranks_of(res, task, setting):
                         rows[f"rank{rank}.{m}"] = final_stat(res, task, setting, rule, m, rank=rank)
                 runs = [r for _, r in cell]
-                devices = "+".join(sorted({r.device or "not recorded" for r in runs}))
+                devices = "+".join(sorted({r.device_name for r in runs}))
 
                 def per_round(key: str, unit: float = 1.0, runs: list[Run] = runs) -> Stat:
                     return Stat.of([float(np.mean([x[key] for x in r.rounds])) / unit for r in runs])
