@@ -136,6 +136,55 @@ def test_numbers_equal_a_hand_computation(results):
     assert "centralized" not in paired
 
 
+def test_mean_of_the_last_evaluations(results):
+    """--last-evals 2 averages each seed's last two evaluations of the global model: it can
+    rank the rules differently from the final round (here glora's first round was better),
+    leaves the final-round tables alone, and leaves out personalised rules (no global model)."""
+    for identity in ("g1s0", "g1s1", "g1s2"):
+        path = results / identity / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[0]["eval"]["accuracy"] = 0.9
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = json.loads((results / "sweep.json").read_text())
+    for seed in (0, 1):
+        identity, entry = _run(results, f"p1s{seed}", [("s1", seed)], "fedsa-lora", 0.75)
+        index["runs"][identity] = entry
+    (results / "sweep.json").write_text(json.dumps(index))
+    write_report(results, plots=False, last=2)
+    rows = _csv_rows(results / "report.csv")
+
+    def check(key, n, mean, std):
+        row = rows[key]
+        assert int(row["n"]) == n and float(row["mean"]) == pytest.approx(mean, abs=1e-6)
+        assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std, abs=1e-6)
+
+    # glora, s1: (0.9 + 0.80) / 2, (0.9 + 0.82) / 2, (0.9 + 0.84) / 2 = 0.85, 0.86, 0.87.
+    check(("s1", "glora", "last2.accuracy"), 3, 0.86, 0.01)
+    # fedit, s1: 0.695, 0.725, 0.715: half the final rounds' deviations, so half their std.
+    check(("s1", "fedit", "last2.accuracy"), 3, (0.695 + 0.725 + 0.715) / 3, 0.0305505 / 2)
+    check(("s1", "glora", "final.accuracy"), 3, 0.82, 0.02)
+    assert ("s1", "fedsa-lora", "last2.accuracy") not in rows and ("s1", "fedsa-lora", "final.accuracy") in rows
+
+    md = (results / "report.md").read_text()
+    final, last = md.split("## Mean of the last 2 evaluations")
+    assert "| fedit | **0.8233 ± 0.0306** (3) | 0.7050 (1) |" in final
+    assert "| fedsa-lora † | 0.7500 ± 0.0000 (2) |  |" in final
+    # glora s2: 0.65, 0.66; fedit s2: 0.6525. glora is now best in both columns.
+    table = last.split("### sst2: accuracy, mean of the last 2 evaluations")[1].split("\n### ")[0]
+    assert "| rule | s1 (rounds 1, 2) | s2 (rounds 1, 2) |" in table
+    assert "| glora | **0.8600 ± 0.0100** (3) | **0.6550 ± 0.0071** (2) |" in table
+    assert "| fedit | 0.7117 ± 0.0153 (3) | 0.6525 (1) |" in table
+    assert "fedsa-lora" not in table
+    # Seed by seed on the same numbers: 0.155, 0.135, 0.155 -> +0.1483 ± 0.0115, ahead on all 3;
+    # the final-round comparison above is unchanged.
+    assert "| fedit | +0.1483 ± 0.0115 (3; ahead on 3) |  |" in last
+    assert "| fedit | -0.0033 ± 0.0231 (3; ahead on 2) |  |" in final
+    # Without --last-evals the report has no such section; 0 is refused.
+    assert "Mean of the last" not in markdown(load_results(results), {})
+    with pytest.raises(ValueError, match="--last-evals must be 1 or more"):
+        write_report(results, last=0)
+
+
 def test_each_table_names_the_commands_of_its_own_runs(results):
     index = json.loads((results / "sweep.json").read_text())
     first, second = "glora sweep fixture --results sweep --only-settings s1", "glora sweep fixture --only-settings s2"

@@ -354,6 +354,11 @@ def report(
     results_dir: Path = typer.Argument(..., help="The --results folder of a `glora sweep`."),
     out: Path | None = typer.Option(None, help="Where report.md, report.csv and plots/ go. [default: RESULTS_DIR]"),
     plots: bool = typer.Option(True, help="Write PNG plots."),
+    last_evals: int = typer.Option(
+        1,
+        help="Also tabulate each seed's mean over its last K evaluations of the global model (steadier than "
+        "the final round when few clients are sampled a round); 1: the final round only.",
+    ),
 ) -> None:
     """Tables (markdown, CSV) and plots of a sweep: mean ± std over seeds, best marked."""
     from rich.console import Console
@@ -361,7 +366,7 @@ def report(
     from glora.experiments.report import write_report
 
     try:
-        written = write_report(results_dir, out, plots=plots)
+        written = write_report(results_dir, out, plots=plots, last=last_evals)
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

@@ -2,8 +2,9 @@
 
 Reads ``sweep.json`` (which grid cells each run fills) and each run folder's
 summary.json and metrics.jsonl. Every number is a mean and sample standard deviation over
-seeds of the final-round metric; every table says which command made its runs and how
-much compute they took. The output is deterministic: the same runs give the same bytes.
+seeds of the final-round metric (and, on request, of each seed's mean over its last K
+evaluations); every table says which command made its runs and how much compute they took.
+The output is deterministic: the same runs give the same bytes.
 """
 
 from __future__ import annotations
@@ -147,32 +148,55 @@ def _check_one_run_per_cell(runs: list[Run]) -> None:
 
 
 # -- numbers ----------------------------------------------------------------------------------------
-def final_stat(res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None) -> Stat | None:
-    """The final-round metric of a cell over seeds: the run's main result (``final``), or the
-    model a client of ``rank`` receives."""
-    values = list(final_values(res, task, setting, rule, metric, rank).values())
+def final_stat(
+    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None, last: int | None = None
+) -> Stat | None:
+    """The final metric of a cell over seeds: the run's main result (``final``), the model a
+    client of ``rank`` receives, or the global model's mean over the ``last`` evaluations."""
+    values = list(final_values(res, task, setting, rule, metric, rank, last).values())
     return Stat.of(values) if values else None
 
 
 def final_values(
-    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None
+    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None, last: int | None = None
 ) -> dict[int, float]:
-    """The final-round metric of each seed of a cell that recorded it (see ``final_stat``)."""
+    """The final metric of each seed of a cell that recorded it (see ``final_stat``). With
+    ``last``, each seed's global-model metric averaged over its last ``last`` evaluated rounds
+    (seeds with fewer evaluations left out): one round's value can swing by several points
+    when few clients are sampled a round, and the mean of the last few is the usual steadier
+    summary. Personalised rules have no global model a round, so they give no values then."""
     values = {}
     for seed, run in res.cell(task, setting, rule):
+        if last is not None:
+            evals = [x["eval"][metric] for x in run.rounds if metric in x.get("eval", {})]
+            if len(evals) >= last and not _personal(rule):
+                values[seed] = float(np.mean(evals[-last:]))
+            continue
         source = run.summary.get("final") if rank is None else (run.summary.get("final_by_rank") or {}).get(rank)
         if source is not None and metric in source:
             values[seed] = source[metric]
     return values
 
 
-def paired_stat(res: Results, task: str, setting: str, rule: str, other: str, metric: str) -> tuple[Stat, int] | None:
-    """``rule``'s final metric minus ``other``'s, over the seeds both finished, and on how many
-    of those seeds ``rule`` came out ahead. A seed fixes the partition, the sampled clients and
-    the initial adapters for every rule, so the difference on one seed compares the rules on
-    the same data: the spread of the difference is the rules', without the splits'."""
-    mine = final_values(res, task, setting, rule, metric)
-    theirs = final_values(res, task, setting, other, metric)
+def last_rounds(res: Results, task: str, setting: str, last: int) -> list[int]:
+    """The rounds that the mean over the ``last`` evaluations covers in (task, setting), over
+    every finished run of it (runs of one setting share their evaluation rounds)."""
+    rounds: set[int] = set()
+    for run in res.runs_of(task, setting):
+        rounds.update([x["round"] for x in run.rounds if "eval" in x][-last:])
+    return sorted(rounds)
+
+
+def paired_stat(
+    res: Results, task: str, setting: str, rule: str, other: str, metric: str, last: int | None = None
+) -> tuple[Stat, int] | None:
+    """``rule``'s final metric (or mean over the ``last`` evaluations) minus ``other``'s, over
+    the seeds both finished, and on how many of those seeds ``rule`` came out ahead. A seed
+    fixes the partition, the sampled clients and the initial adapters for every rule, so the
+    difference on one seed compares the rules on the same data: the spread of the difference
+    is the rules', without the splits'."""
+    mine = final_values(res, task, setting, rule, metric, last=last)
+    theirs = final_values(res, task, setting, other, metric, last=last)
     seeds = sorted(set(mine) & set(theirs))
     if not seeds:
         return None
@@ -238,8 +262,12 @@ def _best(stats: dict[str, Stat | None]) -> set[str]:
     return {rule for rule, m in means.items() if m == top}
 
 
+def _personal(rule: str) -> bool:
+    return rule in RULES and RULES[rule].reports_personal
+
+
 def _rule_name(rule: str) -> str:
-    mark = " †" if rule in RULES and RULES[rule].reports_personal else ""
+    mark = " †" if _personal(rule) else ""
     return f"{rule} (reference){mark}" if rule in REFERENCES else f"{rule}{mark}"
 
 
@@ -283,8 +311,10 @@ def _learning_rates(res: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(res: Results, plots: dict[str, str]) -> str:
-    """The report as markdown; ``plots`` maps plot keys to paths relative to the report."""
+def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
+    """The report as markdown; ``plots`` maps plot keys to paths relative to the report. With
+    ``last`` > 1, a section of each seed's mean over its last ``last`` evaluations follows the
+    final-round tables."""
     idx = res.index
     finished = res.finished()
     out = [f"# Sweep `{idx['preset']}`\n\n"]
@@ -344,6 +374,8 @@ def markdown(res: Results, plots: dict[str, str]) -> str:
             if f"by_rank/{task}/{setting}" in plots:
                 out.append(f"\n![{metric} by rank]({plots[f'by_rank/{task}/{setting}']})\n")
     out.append(_paired_section(res))
+    if last > 1:
+        out.append(_last_section(res, last))
     curves = [k for k in plots if k.startswith("curve/")]
     if curves:
         out.append(
@@ -357,8 +389,10 @@ def markdown(res: Results, plots: dict[str, str]) -> str:
     return "".join(out)
 
 
-def _metric_rows(res: Results, task: str, settings: list[str], rules: list[str], metric: str) -> list[list[str]]:
-    stats = {(s, r): final_stat(res, task, s, r, metric) for s in settings for r in rules}
+def _metric_rows(
+    res: Results, task: str, settings: list[str], rules: list[str], metric: str, last: int | None = None
+) -> list[list[str]]:
+    stats = {(s, r): final_stat(res, task, s, r, metric, last=last) for s in settings for r in rules}
     best = {s: _best({r: stats[s, r] for r in rules}) for s in settings}
     return [
         [_rule_name(r), *(fmt(stats[s, r], r in best[s], mixes_devices(res, task, s, r)) for s in settings)]
@@ -376,10 +410,9 @@ def _rank_rows(res: Results, task: str, setting: str, ranks: list[str], metric: 
     return [[_rule_name(r), *(fmt(stats[c, r], r in best[c], mixed[r]) for c in cols)] for r in rules]
 
 
-def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> str:
-    """GLoRA against each other rule, seed by seed, where both have ``min_seeds`` seeds in common."""
-    if anchor not in res.axis("rules"):
-        return ""
+def _paired_tables(res: Results, anchor: str, min_seeds: int, last: int | None = None, level: str = "###") -> list[str]:
+    """Per task, ``anchor`` against each other rule seed by seed (see ``paired_stat``), for the
+    cells where both have ``min_seeds`` seeds in common."""
     out = []
     for task in res.axis("tasks"):
         metric = res.main_metric(task)
@@ -388,12 +421,20 @@ def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> 
         for rule in res.axis("rules"):
             if rule == anchor:
                 continue
-            pairs = {s: paired_stat(res, task, s, anchor, rule, metric) for s in settings}
+            pairs = {s: paired_stat(res, task, s, anchor, rule, metric, last) for s in settings}
             pairs = {s: p for s, p in pairs.items() if p is not None and p[0].n >= min_seeds}
             if pairs:
                 rows.append([_rule_name(rule), *(_fmt_pair(pairs.get(s)) for s in settings)])
         if rows:
-            out.append(f"\n### {task}: {metric}\n\n" + _table(["against", *settings], rows))
+            out.append(f"\n{level} {task}: {metric}\n\n" + _table(["against", *settings], rows))
+    return out
+
+
+def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> str:
+    """GLoRA against each other rule, seed by seed, where both have ``min_seeds`` seeds in common."""
+    if anchor not in res.axis("rules"):
+        return ""
+    out = _paired_tables(res, anchor, min_seeds)
     if not out:
         return ""
     head = (
@@ -404,6 +445,33 @@ def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> 
         f"Only cells with at least {min_seeds} seeds in common.\n"
     )
     return head + "".join(out)
+
+
+def _last_section(res: Results, last: int, anchor: str = "glora", min_seeds: int = 2) -> str:
+    """The tables again, on each seed's mean over its last ``last`` evaluations of the global
+    model, and the seed-by-seed comparison on the same numbers."""
+    out = [
+        f"\n## Mean of the last {last} evaluations\n\nEach cell: each seed's metric of the global model averaged "
+        f"over its last {last} evaluated rounds (the rounds are in the column heads), then mean ± sample standard "
+        "deviation over seeds (n). Steadier than one final round where the sampled clients move the model by "
+        "several points between evaluations. Personalised rules (†) have no global model a round and are left "
+        "out. **Bold**, ‡: as above.\n"
+    ]
+    for task in res.axis("tasks"):
+        metric = res.main_metric(task)
+        settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
+        rows = _metric_rows(res, task, settings, res.axis("rules"), metric, last)
+        heads = [f"{s} (rounds {', '.join(map(str, last_rounds(res, task, s, last)))})" for s in settings]
+        out.append(f"\n### {task}: {metric}, mean of the last {last} evaluations\n\n" + _table(["rule", *heads], rows))
+    if anchor in res.axis("rules"):
+        paired = _paired_tables(res, anchor, min_seeds, last, level="####")
+        if paired:
+            out.append(
+                f"\n### {anchor} against each rule, seed by seed, on the mean of the last {last} evaluations\n\n"
+                f"As in the seed-by-seed section above; only cells with at least {min_seeds} seeds in common.\n"
+            )
+            out.extend(paired)
+    return "".join(out)
 
 
 def _fmt_pair(pair: tuple[Stat, int] | None) -> str:
@@ -454,9 +522,10 @@ def _incomplete_section(res: Results) -> str:
     return "\n## Runs not in the tables\n\n" + _table(["identity", "status", "cells", "error"], rows)
 
 
-def csv_text(res: Results) -> str:
+def csv_text(res: Results, last: int = 1) -> str:
     """Long format: one row per (task, setting, rule, quantity), with n, mean, std and the
-    kinds of device the cell's runs trained on ("cpu+cuda" where its seeds mix them)."""
+    kinds of device the cell's runs trained on ("cpu+cuda" where its seeds mix them). With
+    ``last`` > 1, quantities ``last<K>.<metric>`` hold the mean over the last K evaluations."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["task", "setting", "rule", "quantity", "n", "mean", "std", "devices"])
@@ -471,6 +540,8 @@ def csv_text(res: Results) -> str:
                     rows[f"final.{m}"] = final_stat(res, task, setting, rule, m)
                     for rank in ranks_of(res, task, setting):
                         rows[f"rank{rank}.{m}"] = final_stat(res, task, setting, rule, m, rank=rank)
+                    if last > 1:
+                        rows[f"last{last}.{m}"] = final_stat(res, task, setting, rule, m, last=last)
                 runs = [r for _, r in cell]
                 devices = "+".join(sorted({r.device_name for r in runs}))
 
@@ -488,9 +559,12 @@ def csv_text(res: Results) -> str:
     return buf.getvalue()
 
 
-def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = True) -> dict[str, Path]:
+def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = True, last: int = 1) -> dict[str, Path]:
     """report.md, report.csv and (unless ``plots`` is False) PNG plots in ``out_dir``
-    (default: the results folder). Returns the paths written."""
+    (default: the results folder); with ``last`` > 1 they also hold each seed's mean over its
+    last ``last`` evaluations. Returns the paths written."""
+    if last < 1:
+        raise ValueError(f"--last-evals must be 1 or more (the number of final evaluations to average), not {last}")
     res = load_results(results_dir)
     if not res.finished():
         raise ValueError(f"{results_dir}: no run has finished yet; nothing to report (see `glora sweep --dry-run`)")
@@ -504,7 +578,7 @@ def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = T
         for key, path in write_plots(res, out_dir / "plots").items():
             plot_paths[key] = path.relative_to(out_dir).as_posix()
             written[key] = path
-    for name, text in (("report.md", markdown(res, plot_paths)), ("report.csv", csv_text(res))):
+    for name, text in (("report.md", markdown(res, plot_paths, last)), ("report.csv", csv_text(res, last))):
         atomic_write(out_dir / name, text.encode())
         written[name] = out_dir / name
     return written
