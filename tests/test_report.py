@@ -84,32 +84,34 @@ def _csv_rows(path):
     return {(r["setting"], r["rule"], r["quantity"]): r for r in csv.DictReader(io.StringIO(path.read_text()))}
 
 
+def _check(rows, key, n, mean, std):
+    """The report.csv row ``key`` holds n seeds, this mean and this sample std (None: one seed)."""
+    row = rows[key]
+    assert int(row["n"]) == n and float(row["mean"]) == pytest.approx(mean, abs=1e-6)
+    assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std, abs=1e-6)
+
+
 def test_numbers_equal_a_hand_computation(results):
     write_report(results, plots=False)
     rows = _csv_rows(results / "report.csv")
 
-    def check(key, n, mean, std):
-        row = rows[key]
-        assert int(row["n"]) == n and float(row["mean"]) == pytest.approx(mean, abs=1e-6)
-        assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std, abs=1e-6)
-
     # glora, s1: 0.80, 0.82, 0.84 -> mean 0.82, sample std sqrt((0.02^2 + 0 + 0.02^2) / 2) = 0.02.
-    check(("s1", "glora", "final.accuracy"), 3, 0.82, 0.02)
+    _check(rows, ("s1", "glora", "final.accuracy"), 3, 0.82, 0.02)
     # fedit, s1: 0.79, 0.85, 0.83 -> mean 2.47 / 3; deviations -1/30, 2/75, 1/150:
     # squares sum to 0.0018667, / 2 = 0.00093333, sqrt = 0.0305505.
-    check(("s1", "fedit", "final.accuracy"), 3, 2.47 / 3, 0.0305505)
+    _check(rows, ("s1", "fedit", "final.accuracy"), 3, 2.47 / 3, 0.0305505)
     # One centralized run fills both columns; one seed has no spread.
-    check(("s1", "centralized", "final.accuracy"), 1, 0.90, None)
-    check(("s2", "centralized", "final.accuracy"), 1, 0.90, None)
+    _check(rows, ("s1", "centralized", "final.accuracy"), 1, 0.90, None)
+    _check(rows, ("s2", "centralized", "final.accuracy"), 1, 0.90, None)
     # s2: fedit's second seed failed, glora's third was interrupted: neither counts.
-    check(("s2", "glora", "final.accuracy"), 2, 0.71, 0.0141421)
-    check(("s2", "fedit", "final.accuracy"), 1, 0.705, None)
-    check(("s2", "glora", "rank2.accuracy"), 2, 0.63, 0.0424264)
-    check(("s2", "glora", "rank8.accuracy"), 2, 0.71, 0.0141421)
+    _check(rows, ("s2", "glora", "final.accuracy"), 2, 0.71, 0.0141421)
+    _check(rows, ("s2", "fedit", "final.accuracy"), 1, 0.705, None)
+    _check(rows, ("s2", "glora", "rank2.accuracy"), 2, 0.63, 0.0424264)
+    _check(rows, ("s2", "glora", "rank8.accuracy"), 2, 0.71, 0.0141421)
     # Costs: server seconds (0.1 + 0.3) / 2 = 0.2 a round; MiB up (1 + 3) / 2 = 2, down 2.
-    check(("s1", "glora", "server_seconds_per_round"), 3, 0.2, 0.0)
-    check(("s1", "glora", "mib_up_per_round"), 3, 2.0, 0.0)
-    check(("s1", "glora", "mib_down_per_round"), 3, 2.0, 0.0)
+    _check(rows, ("s1", "glora", "server_seconds_per_round"), 3, 0.2, 0.0)
+    _check(rows, ("s1", "glora", "mib_up_per_round"), 3, 2.0, 0.0)
+    _check(rows, ("s1", "glora", "mib_down_per_round"), 3, 2.0, 0.0)
 
     md = (results / "report.md").read_text()
     # Best federated rule per column in bold: fedit in s1 (0.8233 > 0.82), glora in s2 (0.71 > 0.705);
@@ -153,16 +155,11 @@ def test_mean_of_the_last_evaluations(results):
     write_report(results, plots=False, last=2)
     rows = _csv_rows(results / "report.csv")
 
-    def check(key, n, mean, std):
-        row = rows[key]
-        assert int(row["n"]) == n and float(row["mean"]) == pytest.approx(mean, abs=1e-6)
-        assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std, abs=1e-6)
-
     # glora, s1: (0.9 + 0.80) / 2, (0.9 + 0.82) / 2, (0.9 + 0.84) / 2 = 0.85, 0.86, 0.87.
-    check(("s1", "glora", "last2.accuracy"), 3, 0.86, 0.01)
+    _check(rows, ("s1", "glora", "last2.accuracy"), 3, 0.86, 0.01)
     # fedit, s1: 0.695, 0.725, 0.715: half the final rounds' deviations, so half their std.
-    check(("s1", "fedit", "last2.accuracy"), 3, (0.695 + 0.725 + 0.715) / 3, 0.0305505 / 2)
-    check(("s1", "glora", "final.accuracy"), 3, 0.82, 0.02)
+    _check(rows, ("s1", "fedit", "last2.accuracy"), 3, (0.695 + 0.725 + 0.715) / 3, 0.0305505 / 2)
+    _check(rows, ("s1", "glora", "final.accuracy"), 3, 0.82, 0.02)
     assert ("s1", "fedsa-lora", "last2.accuracy") not in rows and ("s1", "fedsa-lora", "final.accuracy") in rows
 
     md = (results / "report.md").read_text()
