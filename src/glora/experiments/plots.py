@@ -65,7 +65,7 @@ def _legend(fig: Figure, ax: Axes) -> None:
 
 def plot_final(res: Results, task: str, path: Path) -> Path:
     metric = res.main_metric(task)
-    settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
+    settings = res.settings_of(task)
     series = {r: [final_stat(res, task, s, r, metric) for s in settings] for r in res.axis("rules")}
     series = {r: v for r, v in series.items() if any(x is not None for x in v)}
     fig = Figure(figsize=(max(6.0, 1.2 * len(settings) + 3), 4))

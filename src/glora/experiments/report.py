@@ -60,6 +60,10 @@ class Run:
     def device_name(self) -> str:
         return self.device or "not recorded"
 
+    def evaluations(self, metric: str) -> dict[int, float]:
+        """The global model's ``metric`` at each round that evaluated it, in round order."""
+        return {x["round"]: x["eval"][metric] for x in self.rounds if metric in x.get("eval", {})}
+
 
 @dataclass
 class Results:
@@ -84,6 +88,10 @@ class Results:
                 if (lab["task"], lab["setting"], lab["rule"]) == (task, setting, rule):
                     out.append((lab["seed"], r))
         return sorted(out, key=lambda x: x[0])
+
+    def settings_of(self, task: str) -> list[str]:
+        """The settings with a finished run of ``task``, in axis order."""
+        return [s for s in self.axis("settings") if self.runs_of(task, s)]
 
     def runs_of(self, task: str | None = None, setting: str | None = None) -> list[Run]:
         """Distinct finished runs with a label in ``task`` and/or ``setting``."""
@@ -165,25 +173,25 @@ def final_values(
     (seeds with fewer evaluations left out): one round's value can swing by several points
     when few clients are sampled a round, and the mean of the last few is the usual steadier
     summary. Personalised rules have no global model a round, so they give no values then."""
+    if last is not None:
+        if _personal(rule):
+            return {}
+        tails = {seed: list(run.evaluations(metric).values())[-last:] for seed, run in res.cell(task, setting, rule)}
+        return {seed: float(np.mean(tail)) for seed, tail in tails.items() if len(tail) == last}
     values = {}
     for seed, run in res.cell(task, setting, rule):
-        if last is not None:
-            evals = [x["eval"][metric] for x in run.rounds if metric in x.get("eval", {})]
-            if len(evals) >= last and not _personal(rule):
-                values[seed] = float(np.mean(evals[-last:]))
-            continue
         source = run.summary.get("final") if rank is None else (run.summary.get("final_by_rank") or {}).get(rank)
         if source is not None and metric in source:
             values[seed] = source[metric]
     return values
 
 
-def last_rounds(res: Results, task: str, setting: str, last: int) -> list[int]:
-    """The rounds that the mean over the ``last`` evaluations covers in (task, setting), over
-    every finished run of it (runs of one setting share their evaluation rounds)."""
+def last_rounds(res: Results, task: str, setting: str, metric: str, last: int) -> list[int]:
+    """The rounds that the mean over the ``last`` evaluations of ``metric`` covers in (task,
+    setting), over every finished run of it (runs of one setting share their evaluation rounds)."""
     rounds: set[int] = set()
     for run in res.runs_of(task, setting):
-        rounds.update([x["round"] for x in run.rounds if "eval" in x][-last:])
+        rounds.update(list(run.evaluations(metric))[-last:])
     return sorted(rounds)
 
 
@@ -220,9 +228,7 @@ def cost_stats(res: Results, setting: str, rule: str) -> dict[str, Stat] | None:
 
 def curve(res: Results, task: str, setting: str, rule: str, metric: str) -> tuple[list[int], list[Stat]]:
     """The global model's metric against round, over seeds, at the rounds every seed evaluated."""
-    per_seed = [
-        {x["round"]: x["eval"][metric] for x in run.rounds if "eval" in x} for _, run in res.cell(task, setting, rule)
-    ]
+    per_seed = [run.evaluations(metric) for _, run in res.cell(task, setting, rule)]
     if not per_seed:
         return [], []
     rounds = sorted(set.intersection(*(set(s) for s in per_seed)))
@@ -356,7 +362,7 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
     out.append("\n")
     for task in res.axis("tasks"):
         metric = res.main_metric(task)
-        settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
+        settings = res.settings_of(task)
         out.append(f"\n## {task}: {metric}\n\n")
         out.append(_provenance(res, res.runs_of(task=task)) + "\n")
         rows = _metric_rows(res, task, settings, res.axis("rules"), metric)
@@ -412,11 +418,13 @@ def _rank_rows(res: Results, task: str, setting: str, ranks: list[str], metric: 
 
 def _paired_tables(res: Results, anchor: str, min_seeds: int, last: int | None = None, level: str = "###") -> list[str]:
     """Per task, ``anchor`` against each other rule seed by seed (see ``paired_stat``), for the
-    cells where both have ``min_seeds`` seeds in common."""
-    out = []
+    cells where both have ``min_seeds`` seeds in common (none where ``anchor`` has no runs)."""
+    out: list[str] = []
+    if anchor not in res.axis("rules"):
+        return out
     for task in res.axis("tasks"):
         metric = res.main_metric(task)
-        settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
+        settings = res.settings_of(task)
         rows = []
         for rule in res.axis("rules"):
             if rule == anchor:
@@ -432,8 +440,6 @@ def _paired_tables(res: Results, anchor: str, min_seeds: int, last: int | None =
 
 def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> str:
     """GLoRA against each other rule, seed by seed, where both have ``min_seeds`` seeds in common."""
-    if anchor not in res.axis("rules"):
-        return ""
     out = _paired_tables(res, anchor, min_seeds)
     if not out:
         return ""
@@ -459,18 +465,17 @@ def _last_section(res: Results, last: int, anchor: str = "glora", min_seeds: int
     ]
     for task in res.axis("tasks"):
         metric = res.main_metric(task)
-        settings = [s for s in res.axis("settings") if res.runs_of(task, s)]
+        settings = res.settings_of(task)
         rows = _metric_rows(res, task, settings, res.axis("rules"), metric, last)
-        heads = [f"{s} (rounds {', '.join(map(str, last_rounds(res, task, s, last)))})" for s in settings]
+        heads = [f"{s} (rounds {', '.join(map(str, last_rounds(res, task, s, metric, last)))})" for s in settings]
         out.append(f"\n### {task}: {metric}, mean of the last {last} evaluations\n\n" + _table(["rule", *heads], rows))
-    if anchor in res.axis("rules"):
-        paired = _paired_tables(res, anchor, min_seeds, last, level="####")
-        if paired:
-            out.append(
-                f"\n### {anchor} against each rule, seed by seed, on the mean of the last {last} evaluations\n\n"
-                f"As in the seed-by-seed section above; only cells with at least {min_seeds} seeds in common.\n"
-            )
-            out.extend(paired)
+    paired = _paired_tables(res, anchor, min_seeds, last, level="####")
+    if paired:
+        out.append(
+            f"\n### {anchor} against each rule, seed by seed, on the mean of the last {last} evaluations\n\n"
+            f"As in the seed-by-seed section above; only cells with at least {min_seeds} seeds in common.\n"
+        )
+        out.extend(paired)
     return "".join(out)
 
 
