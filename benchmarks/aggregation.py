@@ -416,12 +416,25 @@ def _run_model(rule: Rule, case: Case, rnd: Round, args: argparse.Namespace) -> 
     sampled = f"one layer of each shape timed ({len(per_shape)} of {case.n_layers}), x layer count"
     if peak > 0.8 * free:
         note = f"refused: needs ~{peak / 2**30:.1f} GiB ({sampled}), {free / 2**30:.1f} GiB free"
-        return {"status": "refused", "seconds": seconds, "peak_bytes": peak, "up_bytes": up, "down_bytes": down,
-                "note": note}
+        return {
+            "status": "refused",
+            "seconds": seconds,
+            "peak_bytes": peak,
+            "up_bytes": up,
+            "down_bytes": down,
+            "note": note,
+        }
     if seconds > args.cap:
         note = f"extrapolated: {sampled} (predicted > {args.cap:g} s cap)"
-        return {"status": "extrapolated", "seconds": seconds, "runs": 1, "peak_bytes": peak, "up_bytes": up,
-                "down_bytes": down, "note": note}
+        return {
+            "status": "extrapolated",
+            "seconds": seconds,
+            "runs": 1,
+            "peak_bytes": peak,
+            "up_bytes": up,
+            "down_bytes": down,
+            "note": note,
+        }
     _emit({"event": "full"})
     numbers, states = measure(lambda: server_round(rule, rnd), args.slow, args.repeats, args.budget, _cold)
     up, down = traffic(rule, rnd, states)
@@ -448,8 +461,13 @@ def serve(args: argparse.Namespace) -> None:
     _warm_libraries()
     for line in sys.stdin:
         task = json.loads(line)
-        case = Case(**{**task["case"], "shapes": tuple(map(tuple, task["case"]["shapes"])),
-                       "ranks": tuple(task["case"]["ranks"])})
+        case = Case(
+            **{
+                **task["case"],
+                "shapes": tuple(map(tuple, task["case"]["shapes"])),
+                "ranks": tuple(task["case"]["ranks"]),
+            }
+        )
         rnd = make_round(case)
         for name in task["rules"]:
             _emit({"event": "start", "rule": name})
@@ -463,8 +481,12 @@ def _warm_libraries() -> None:
     LAPACK routine allocates its workspace and thread buffers once per process, which is not
     the cost of a round (and would dominate the memory of the small cases)."""
     g = torch.Generator().manual_seed(1)
-    tiny = Round({"w": [LowRank(torch.randn(24, r, generator=g), torch.randn(r, 16, generator=g), 1.0)
-                        for r in (2, 3)]}, [1.0, 2.0], [2, 3], [1.0, 1.0])
+    tiny = Round(
+        {"w": [LowRank(torch.randn(24, r, generator=g), torch.randn(r, 16, generator=g), 1.0) for r in (2, 3)]},
+        [1.0, 2.0],
+        [2, 3],
+        [1.0, 1.0],
+    )
     for name in ("glora", "glora-f32", "flexlora"):
         if name in RULES or name in VARIANTS:
             server_round(build_rule(name), tiny)
@@ -562,8 +584,10 @@ def _stopped(case: Case, phase: str, started: float) -> dict[str, Any]:
         # The layers of one shape cost alike, so the model takes at least
         # (fewest layers of a shape) x (the time its sample layers did not finish in).
         fewest = min(len(v) for v in case.by_shape().values())
-        note = (f"stopped at the time cap: one layer of each shape did not finish within {spent:.3g} s; "
-                f"lower bound {fewest} x {spent:.3g} s")
+        note = (
+            f"stopped at the time cap: one layer of each shape did not finish within {spent:.3g} s; "
+            f"lower bound {fewest} x {spent:.3g} s"
+        )
         return {"seconds": fewest * spent, "note": note}
     what = "its warm rounds" if phase == "warm" else "one round"
     return {"seconds": spent, "note": f"stopped at the time cap: {what} did not finish within {spent:.3g} s"}
@@ -612,8 +636,12 @@ def git_commit() -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    paths = ["src/glora/aggregation", "src/glora/lowrank.py", "benchmarks/aggregation.py",
-             "benchmarks/aggregation_report.py"]
+    paths = [
+        "src/glora/aggregation",
+        "src/glora/lowrank.py",
+        "benchmarks/aggregation.py",
+        "benchmarks/aggregation_report.py",
+    ]
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--", *paths) else "")
 
 
@@ -649,10 +677,19 @@ def main(argv: list[str] | None = None) -> None:
     from aggregation_report import write_report
 
     command = "python benchmarks/aggregation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"command": command.strip(), "commit": git_commit(), "threads": args.threads,
-            "omp_wait_policy": worker_env()["OMP_WAIT_POLICY"], "cap_s": args.cap, "sample_cap_s": args.sample_cap,
-            "slow_s": args.slow, "repeats": args.repeats, "budget_s": args.budget, "machine": machine(),
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = {
+        "command": command.strip(),
+        "commit": git_commit(),
+        "threads": args.threads,
+        "omp_wait_policy": worker_env()["OMP_WAIT_POLICY"],
+        "cap_s": args.cap,
+        "sample_cap_s": args.sample_cap,
+        "slow_s": args.slow,
+        "repeats": args.repeats,
+        "budget_s": args.budget,
+        "machine": machine(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     t0 = time.perf_counter()
     results, worker = [], None
     for i, case in enumerate(grid, 1):

@@ -97,12 +97,18 @@ def headline_table(rows: dict[str, dict]) -> str:
     approx = "~" if flex is not None and flex["status"] == "extrapolated" else ""
     lines += [
         row("round time (s)", lambda c: _seconds(c)),
-        row(f"FlexLoRA's time / this (target >= 100; FlexLoRA {_seconds(flex) if flex else '-'} s, "
-            f"{flex['status'] if flex else 'missing'})", lambda c: approx + _x(_ratio(flex, c), flex_bound)),
-        row(f"this / floor (target <= 10; floor {_seconds(floor) if floor else '-'} s)",
-            lambda c: _x(_ratio(c, floor))),
-        row("peak extra memory / client factors received (target <= 2)",
-            lambda c: _x(c["peak_bytes"] / c["received_bytes"]) if c.get("peak_bytes") is not None else "-"),
+        row(
+            f"FlexLoRA's time / this (target >= 100; FlexLoRA {_seconds(flex) if flex else '-'} s, "
+            f"{flex['status'] if flex else 'missing'})",
+            lambda c: approx + _x(_ratio(flex, c), flex_bound),
+        ),
+        row(
+            f"this / floor (target <= 10; floor {_seconds(floor) if floor else '-'} s)", lambda c: _x(_ratio(c, floor))
+        ),
+        row(
+            "peak extra memory / client factors received (target <= 2)",
+            lambda c: _x(c["peak_bytes"] / c["received_bytes"]) if c.get("peak_bytes") is not None else "-",
+        ),
     ]
     return "\n".join(lines)
 
@@ -163,8 +169,11 @@ def plot(results: list[dict], group: str, path: Path) -> Path | None:
             pts = sorted((x_of(r), r) for r in rows if r["rule"] == name and (len(set(r["ranks"])) == 1) == equal)
             for row, key in enumerate(("seconds", "peak_bytes")):
                 ax = axes[row, col]
-                good = [(x, r[key] / (MIB if key == "peak_bytes" else 1)) for x, r in pts
-                        if r["status"] == "measured" and r.get(key) is not None and r[key] > 0]
+                good = [
+                    (x, r[key] / (MIB if key == "peak_bytes" else 1))
+                    for x, r in pts
+                    if r["status"] == "measured" and r.get(key) is not None and r[key] > 0
+                ]
                 if good:
                     (handles[name],) = ax.plot(*zip(*good, strict=True), marker="o", ms=4, label=name, **style[name])
                 capped = [(x, r["seconds"]) for x, r in pts if r["status"] == "time cap"]

@@ -64,8 +64,12 @@ def main() -> None:
     def gen(new_tokens: int) -> None:
         with torch.inference_mode():
             model.generate(
-                input_ids=batch, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
+                input_ids=batch,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
             )
 
     (g, g_cpu), (p, p_cpu) = median_seconds(lambda: gen(32), args.repeats), median_seconds(lambda: gen(1), args.repeats)

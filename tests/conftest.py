@@ -12,9 +12,7 @@ from glora.lowrank import random_gauge_matrix
 torch.set_num_threads(1)
 
 
-def make_updates(
-    ranks, d_out=37, d_in=23, scale=2.0, seed=0, dtype=torch.float64, shared_A=False
-) -> list[LowRank]:
+def make_updates(ranks, d_out=37, d_in=23, scale=2.0, seed=0, dtype=torch.float64, shared_A=False) -> list[LowRank]:
     """Generic client updates: independent Gaussian factors (unless ``shared_A``), non-square."""
     g = torch.Generator().manual_seed(seed)
     A0 = torch.randn(ranks[0], d_in, generator=g, dtype=dtype)

@@ -80,8 +80,7 @@ def test_batched_route_is_gauge_invariant_and_exact_at_full_rank(per_layer_calls
 
 def test_float32_server_math_agrees_with_float64_on_the_batched_route(per_layer_calls):
     # Real-shaped and in the clients' usual float32: what a server round sees.
-    ups = {f"q{j}": make_updates([4, 8, 16, 8, 4], d_out=256, d_in=192, seed=j, dtype=torch.float32)
-           for j in range(3)}
+    ups = {f"q{j}": make_updates([4, 8, 16, 8, 4], d_out=256, d_in=192, seed=j, dtype=torch.float32) for j in range(3)}
     w = [3.0, 1.0, 2.0, 5.0, 4.0]
     d64 = get_rule("glora").aggregate_layers(ups, w)
     d32 = get_rule("glora", dtype=torch.float32).aggregate_layers(ups, w)
@@ -130,8 +129,13 @@ def test_zero_updates_and_zero_weights_on_the_batched_route(per_layer_calls):
 
 
 def test_round_zero_on_the_batched_route(per_layer_calls):
-    ups = {f"l{j}": [LowRank(torch.zeros(30, r, dtype=torch.float64), torch.randn(r, 20, dtype=torch.float64), 2.0)
-                     for r in (2, 4)] for j in range(3)}
+    ups = {
+        f"l{j}": [
+            LowRank(torch.zeros(30, r, dtype=torch.float64), torch.randn(r, 20, dtype=torch.float64), 2.0)
+            for r in (2, 4)
+        ]
+        for j in range(3)
+    }
     states = get_rule("glora").aggregate_layers(ups, [1.0, 1.0])
     assert per_layer_calls["n"] == 0
     for s in states.values():
@@ -174,8 +178,9 @@ def test_no_dense_matrix_on_the_batched_route(per_layer_calls):
     d_out, d_in = 200_000, 100_000
     g = torch.Generator().manual_seed(0)
     ups = {
-        f"l{j}": [LowRank(torch.randn(d_out, r, generator=g), torch.randn(r, d_in, generator=g), 2.0)
-                  for r in (2, 4, 8, 4)]
+        f"l{j}": [
+            LowRank(torch.randn(d_out, r, generator=g), torch.randn(r, d_in, generator=g), 2.0) for r in (2, 4, 8, 4)
+        ]
         for j in range(2)
     }
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

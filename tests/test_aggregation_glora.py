@@ -104,8 +104,9 @@ def test_a_normal_gauge_keeps_rows_of_A_at_lora_init_norm(unequal):
 
 
 def test_round_zero_gives_zero_state_with_trainable_readout():
-    ups = [LowRank(torch.zeros(30, r, dtype=torch.float64), torch.randn(r, 20, dtype=torch.float64), 2.0)
-           for r in (2, 4)]
+    ups = [
+        LowRank(torch.zeros(30, r, dtype=torch.float64), torch.randn(r, 20, dtype=torch.float64), 2.0) for r in (2, 4)
+    ]
     state = get_rule("glora").aggregate(ups, [1.0, 1.0])
     assert state.rank == 0
     assert torch.count_nonzero(state.delta()) == 0

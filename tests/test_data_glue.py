@@ -213,8 +213,8 @@ def test_collate_pads_to_the_longest_and_masks_by_length():
     assert mask.sum(1).tolist() == [3, 2, 5]
     for row, seq, m in zip(ids, batch, mask, strict=True):
         assert row[: len(seq)].tolist() == seq
-        assert (row[len(seq):] == 7).all()
-        assert m[: len(seq)].all() and not m[len(seq):].any()
+        assert (row[len(seq) :] == 7).all()
+        assert m[: len(seq)].all() and not m[len(seq) :].any()
     with pytest.raises(ValueError, match="at least one sequence"):
         collate([], pad_id=0)
 

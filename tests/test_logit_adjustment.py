@@ -44,8 +44,20 @@ def _client(n_pos: int, n_neg: int, informative: bool):
 
 def _train(make_batch, x, labels, bias, steps=30, lr=0.1):
     model = TinyClassifier()
-    losses = local_train(model, [], list(model.parameters()), make_batch, np.arange(len(labels)), steps, 16,
-                         lr=lr, head_lr=lr, weight_decay=0.0, seed=0, logit_bias=bias)
+    losses = local_train(
+        model,
+        [],
+        list(model.parameters()),
+        make_batch,
+        np.arange(len(labels)),
+        steps,
+        16,
+        lr=lr,
+        head_lr=lr,
+        weight_decay=0.0,
+        seed=0,
+        logit_bias=bias,
+    )
     with torch.no_grad():
         gap = (model.head(x)[:, 1] - model.head(x)[:, 0]).mean().item()
     return losses, gap
@@ -79,8 +91,9 @@ def test_a_skewed_client_learns_the_balanced_posterior_not_its_prior():
 
 
 def test_log_label_prior_counts_the_clients_labels_with_add_one_smoothing():
-    fake = SimpleNamespace(train=SimpleNamespace(labels=torch.tensor([0, 1, 1, 1, 0, 1])),
-                           spec=SimpleNamespace(num_labels=3))
+    fake = SimpleNamespace(
+        train=SimpleNamespace(labels=torch.tensor([0, 1, 1, 1, 0, 1])), spec=SimpleNamespace(num_labels=3)
+    )
     prior = GlueTask.log_label_prior(fake, np.array([1, 2, 3, 5]))
     assert torch.allclose(prior.exp(), torch.tensor([1 / 7, 5 / 7, 1 / 7]))
 
@@ -125,8 +138,19 @@ def test_each_client_trains_with_its_own_label_prior(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(simulation, "local_train", spy)
-    cfg = RunConfig(clients=3, alpha=0.3, min_client_examples=10, ranks="2,4,8", rounds=1, local_steps=1,
-                    batch_size=8, max_train_examples=300, max_eval_examples=32, threads=1, logit_adjustment=0.5)
+    cfg = RunConfig(
+        clients=3,
+        alpha=0.3,
+        min_client_examples=10,
+        ranks="2,4,8",
+        rounds=1,
+        local_steps=1,
+        batch_size=8,
+        max_train_examples=300,
+        max_eval_examples=32,
+        threads=1,
+        logit_adjustment=0.5,
+    )
     fed = Federation(cfg, tmp_path / "run", progress=False)
     fed.run()
     labels = fed.task.train.labels

@@ -70,10 +70,12 @@ def test_exported_adapter_reloads_in_peft_with_the_same_logits(tmp_path, minilm)
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     with adapted.dense_update(updates, 4, head) as m, torch.no_grad():
         expected = m(**batch).logits
-    export_adapter(tmp_path / "adapter", load_classifier("minilm", 2, seed=0, pooling="mean")[0], updates, head,
-                   settings)
-    loaded = PeftModel.from_pretrained(load_classifier("minilm", 2, seed=0, pooling="mean")[0],
-                                       str(tmp_path / "adapter")).eval()
+    export_adapter(
+        tmp_path / "adapter", load_classifier("minilm", 2, seed=0, pooling="mean")[0], updates, head, settings
+    )
+    loaded = PeftModel.from_pretrained(
+        load_classifier("minilm", 2, seed=0, pooling="mean")[0], str(tmp_path / "adapter")
+    ).eval()
     with torch.no_grad():
         got = loaded(**batch).logits
     assert torch.allclose(got, expected, atol=1e-4)

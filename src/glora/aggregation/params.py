@@ -21,8 +21,10 @@ def average_params(params: Sequence[Mapping[str, Tensor]], weights: Sequence[flo
             raise ValueError(f"client {i}: parameter names {sorted(p)} differ from client 0's {sorted(names)}")
         for n in names:
             if p[n].shape != params[0][n].shape:
-                raise ValueError(f"client {i}: parameter {n!r} has shape {tuple(p[n].shape)}, client 0 has "
-                                 f"{tuple(params[0][n].shape)}")
+                raise ValueError(
+                    f"client {i}: parameter {n!r} has shape {tuple(p[n].shape)}, client 0 has "
+                    f"{tuple(params[0][n].shape)}"
+                )
             if not bool(torch.isfinite(p[n]).all()):
                 raise ValueError(f"client {i}: parameter {n!r} contains NaN or Inf")
     return {n: weighted_sum([p[n] for p in params], w, torch.float64).to(params[0][n].dtype) for n in names}

@@ -62,30 +62,87 @@ _HUB = "nyu-mll/glue"  # the hub's current id of the dataset formerly named "glu
 GLUE_TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("sst2", "sst2", ("sentence",), 2, ("accuracy",), "accuracy", ("negative", "positive"),
-                 (_HUB, "sst2")),
-        TaskSpec("mrpc", "mrpc", ("sentence1", "sentence2"), 2, ("f1", "accuracy"), "f1",
-                 ("not_equivalent", "equivalent"), (_HUB, "mrpc")),
-        TaskSpec("cola", "cola", ("sentence",), 2, ("matthews_correlation",), "matthews_correlation",
-                 ("unacceptable", "acceptable"), (_HUB, "cola")),
-        TaskSpec("rte", "rte", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy",
-                 ("entailment", "not_entailment"), (_HUB, "rte")),
-        TaskSpec("stsb", "stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr"), "pearson", (),
-                 (_HUB, "stsb")),
-        TaskSpec("qnli", "qnli", ("question", "sentence"), 2, ("accuracy",), "accuracy",
-                 ("entailment", "not_entailment"), (_HUB, "qnli"), local_splits=("validation",),
-                 note="evaluation only offline: its train split is missing from the local copy"),
-        TaskSpec("wnli", "wnli", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy",
-                 ("not_entailment", "entailment"), (_HUB, "wnli")),
-        TaskSpec("mnli_subset", "mnli_subset", ("premise", "hypothesis"), 3, ("accuracy",), "accuracy",
-                 ("entailment", "neutral", "contradiction"), (_HUB, "mnli"),
-                 hub_splits={"validation": "validation_matched"},
-                 note="a 3,000/7,469 subset of MNLI offline; not comparable with GLUE MNLI scores; "
-                      "source='hub' loads the full MNLI (validation = validation_matched)"),
-        TaskSpec("qqp_subset", "qqp_subset", ("question1", "question2"), 2, ("f1", "accuracy"), "f1",
-                 ("not_duplicate", "duplicate"), (_HUB, "qqp"),
-                 note="a 2,000/7,600 subset of QQP offline; not comparable with GLUE QQP scores; "
-                      "source='hub' loads the full QQP"),
+        TaskSpec("sst2", "sst2", ("sentence",), 2, ("accuracy",), "accuracy", ("negative", "positive"), (_HUB, "sst2")),
+        TaskSpec(
+            "mrpc",
+            "mrpc",
+            ("sentence1", "sentence2"),
+            2,
+            ("f1", "accuracy"),
+            "f1",
+            ("not_equivalent", "equivalent"),
+            (_HUB, "mrpc"),
+        ),
+        TaskSpec(
+            "cola",
+            "cola",
+            ("sentence",),
+            2,
+            ("matthews_correlation",),
+            "matthews_correlation",
+            ("unacceptable", "acceptable"),
+            (_HUB, "cola"),
+        ),
+        TaskSpec(
+            "rte",
+            "rte",
+            ("sentence1", "sentence2"),
+            2,
+            ("accuracy",),
+            "accuracy",
+            ("entailment", "not_entailment"),
+            (_HUB, "rte"),
+        ),
+        TaskSpec(
+            "stsb", "stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr"), "pearson", (), (_HUB, "stsb")
+        ),
+        TaskSpec(
+            "qnli",
+            "qnli",
+            ("question", "sentence"),
+            2,
+            ("accuracy",),
+            "accuracy",
+            ("entailment", "not_entailment"),
+            (_HUB, "qnli"),
+            local_splits=("validation",),
+            note="evaluation only offline: its train split is missing from the local copy",
+        ),
+        TaskSpec(
+            "wnli",
+            "wnli",
+            ("sentence1", "sentence2"),
+            2,
+            ("accuracy",),
+            "accuracy",
+            ("not_entailment", "entailment"),
+            (_HUB, "wnli"),
+        ),
+        TaskSpec(
+            "mnli_subset",
+            "mnli_subset",
+            ("premise", "hypothesis"),
+            3,
+            ("accuracy",),
+            "accuracy",
+            ("entailment", "neutral", "contradiction"),
+            (_HUB, "mnli"),
+            hub_splits={"validation": "validation_matched"},
+            note="a 3,000/7,469 subset of MNLI offline; not comparable with GLUE MNLI scores; "
+            "source='hub' loads the full MNLI (validation = validation_matched)",
+        ),
+        TaskSpec(
+            "qqp_subset",
+            "qqp_subset",
+            ("question1", "question2"),
+            2,
+            ("f1", "accuracy"),
+            "f1",
+            ("not_duplicate", "duplicate"),
+            (_HUB, "qqp"),
+            note="a 2,000/7,600 subset of QQP offline; not comparable with GLUE QQP scores; "
+            "source='hub' loads the full QQP",
+        ),
     )
 }
 
@@ -118,9 +175,7 @@ def glue_file(task: str | TaskSpec, split: str, data_dir: Path | str | None = No
     return root / "glue" / spec.folder / f"{split}.jsonl.gz"
 
 
-def load_glue(
-    task: str, split: str, data_dir: Path | str | None = None, source: str = "local"
-) -> list[dict[str, Any]]:
+def load_glue(task: str, split: str, data_dir: Path | str | None = None, source: str = "local") -> list[dict[str, Any]]:
     """All rows of one split of a GLUE task, in file order.
 
     ``source="local"`` reads the offline copy under ``data_dir`` (default: see

@@ -41,8 +41,10 @@ def compute_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dic
         raise ValueError("no predictions to score")
     if spec.is_regression:
         pred, gold = pred.astype(np.float64), gold.astype(np.float64)
-        return {"pearson": _correlation(stats.pearsonr, pred, gold),
-                "spearmanr": _correlation(stats.spearmanr, pred, gold)}
+        return {
+            "pearson": _correlation(stats.pearsonr, pred, gold),
+            "spearmanr": _correlation(stats.spearmanr, pred, gold),
+        }
     if not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(gold.dtype, np.integer)):
         raise ValueError(f"{spec.name} predictions and labels must be integer class ids (argmax of the logits)")
     for name, a in (("predictions", pred), ("labels", gold)):

@@ -58,9 +58,7 @@ def label_buckets(labels: LabelsLike, num_buckets: int = 5) -> np.ndarray:
     return np.minimum(((y - lo) / (hi - lo) * num_buckets).astype(np.int64), num_buckets - 1)
 
 
-def _dirichlet_draw(
-    y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[list[int]] | None:
+def _dirichlet_draw(y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[list[int]] | None:
     """One draw of the scheme; None when the mass of a class fell only on full clients."""
     n = len(y)
     parts: list[list[int]] = [[] for _ in range(num_clients)]

@@ -38,8 +38,13 @@ def client_updates(ranks: list[int], d: int = 768, shared: int = 4, seed: int = 
     out = []
     for r in ranks:
         k = min(shared, r)
-        B = torch.cat([task_out[:, :k] + 0.3 * torch.randn(d, k, generator=g) / d**0.5,
-                       torch.randn(d, r - k, generator=g) / d**0.5], dim=1)
+        B = torch.cat(
+            [
+                task_out[:, :k] + 0.3 * torch.randn(d, k, generator=g) / d**0.5,
+                torch.randn(d, r - k, generator=g) / d**0.5,
+            ],
+            dim=1,
+        )
         A = torch.cat([task_in[:, :k].T, torch.randn(r - k, d, generator=g) / d**0.5], dim=0)
         out.append(LowRank(B, A, 2.0).gauge(random_gauge_matrix(r, g).float()))
     return out

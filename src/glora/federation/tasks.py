@@ -127,9 +127,9 @@ class GlueTask:
         return torch.log((counts.double() + 1) / (counts.sum() + self.spec.num_labels)).float()
 
     def fresh_model(self) -> nn.Module:
-        return load_classifier(
-            self.backbone_path, self.spec.num_labels, seed=self.cfg.seed, pooling=self.cfg.pooling
-        )[0]
+        return load_classifier(self.backbone_path, self.spec.num_labels, seed=self.cfg.seed, pooling=self.cfg.pooling)[
+            0
+        ]
 
     @torch.no_grad()
     def eval_logits(self, model: nn.Module) -> torch.Tensor:

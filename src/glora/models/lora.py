@@ -126,9 +126,7 @@ class AdaptedModel:
 
     def get_head(self, rank: int) -> dict[str, Tensor]:
         return {
-            f"{mn}.{pn}": _host(p)
-            for mn, mod in self._head_modules(rank).items()
-            for pn, p in mod.named_parameters()
+            f"{mn}.{pn}": _host(p) for mn, mod in self._head_modules(rank).items() for pn, p in mod.named_parameters()
         }
 
     def set_head(self, rank: int, head: Mapping[str, Tensor]) -> None:
