@@ -1,12 +1,12 @@
 """One round's client updates, aggregated by several server rules: what each keeps of their
 exact weighted mean, and how the resulting global model scores (SST-2 validation).
 
-    python results/alpha01-probes/same_updates.py RUN_FOLDER [--from-start]
+    python results/alpha01-probes/same_updates.py RUN_FOLDER
 
 RUN_FOLDER: a copy of a finished run folder (loading it as a resumable run rewrites its
 meta.json). The clients train one round from its last checkpoint's state (round T+1, the
-run's own seed formula), or with ``--from-start`` from the initial adapters (round 1). Every
-rule then aggregates the same updates, so the rows differ by the server alone.
+run's own seed formula). Every rule then aggregates the same updates, so the rows differ by
+the server alone.
 
 The dense per-layer mean is formed here (384 x 384 layers of MiniLM): a diagnostic, not
 the server path, which never builds it.
@@ -21,7 +21,7 @@ import torch
 from glora.aggregation import average_params, get_rule, normalize_weights
 from glora.data.metrics import compute_metrics
 from glora.federation.config import RunConfig
-from glora.federation.simulation import Federation, ServerState, readout, sample_clients, train_client
+from glora.federation.simulation import Federation, readout, sample_clients, train_client
 
 RULES = {
     "glora (projector consensus, R 8)": ("glora", {}),
@@ -37,8 +37,6 @@ folder = sys.argv[1]
 cfg = RunConfig.from_saved(json.loads(Path(folder, "config.json").read_text()))
 fed = Federation(cfg.replace(threads=1), folder, progress=False)
 st = fed.begin(resume=True)
-if "--from-start" in sys.argv[2:]:
-    st = ServerState()
 if st.base_offsets:
     raise SystemExit(f"{folder}: the state merged updates into the base weights; this probe compares states without")
 task, t = fed.task, st.round + 1
@@ -72,8 +70,7 @@ def relative_error(deltas: dict[str, torch.Tensor]) -> float:
     return (err / mean_sq) ** 0.5
 
 
-label = "round 1 (initial adapters)" if t == 1 else f"round {t} (from the round-{t - 1} state)"
-print(f"# {folder}: rule {cfg.rule}, alpha {cfg.alpha}, seed {cfg.seed}, ranks {cfg.ranks}; clients' {label}\n")
+print(f"# {folder}: rule {cfg.rule}, alpha {cfg.alpha}, seed {cfg.seed}, ranks {cfg.ranks}; clients' round {t} (from the round-{t - 1} state)\n")
 loss = sum(u.loss for u in updates) / len(updates)
 print(f"client weights: {[round(x, 3) for x in w.tolist()]}; mean training loss {loss:.4f}\n")
 rows = {"exact weighted mean (dense)": mean}
