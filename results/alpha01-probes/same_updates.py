@@ -70,7 +70,8 @@ def relative_error(deltas: dict[str, torch.Tensor]) -> float:
     return (err / mean_sq) ** 0.5
 
 
-print(f"# {folder}: rule {cfg.rule}, alpha {cfg.alpha}, seed {cfg.seed}, ranks {cfg.ranks}; clients' round {t} (from the round-{t - 1} state)\n")
+run = f"rule {cfg.rule}, alpha {cfg.alpha}, seed {cfg.seed}, ranks {cfg.ranks}"
+print(f"# {folder}: {run}; clients' round {t} (from the round-{t - 1} state)\n")
 loss = sum(u.loss for u in updates) / len(updates)
 print(f"client weights: {[round(x, 3) for x in w.tolist()]}; mean training loss {loss:.4f}\n")
 rows = {"exact weighted mean (dense)": mean}
