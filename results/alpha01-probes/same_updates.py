@@ -21,7 +21,7 @@ import torch
 from glora.aggregation import average_params, get_rule, normalize_weights
 from glora.data.metrics import compute_metrics
 from glora.federation.config import RunConfig
-from glora.federation.simulation import Federation, readout, sample_clients, train_client
+from glora.federation.simulation import Federation
 
 RULES = {
     "glora (projector consensus, R 8)": ("glora", {}),
@@ -41,13 +41,7 @@ if st.base_offsets:
     raise SystemExit(f"{folder}: the state merged updates into the base weights; this probe compares states without")
 task, t = fed.task, st.round + 1
 
-clients = sample_clients(len(fed.parts), t, cfg.fraction, cfg.seed)
-updates = []
-for i in clients:
-    r = fed.ranks[i]
-    factors = readout(st, fed.init, r, fed.model.settings.scale(r))
-    updates.append(train_client(fed.model, task, cfg, fed.rule, t, i, fed.parts[i], factors, st.head))
-weights = [float(fed.sizes[i]) for i in clients]
+_, updates, weights, _ = fed.client_updates(st, t)
 w = normalize_weights(weights, len(weights))
 head = average_params([u.head for u in updates], weights)
 by_layer = {n: [u.factors[n] for u in updates] for n in updates[0].factors}

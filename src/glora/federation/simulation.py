@@ -333,6 +333,13 @@ class Federation:
 
     # -- one round --------------------------------------------------------------------------------
     def _round(self, st: ServerState, t: int, bar) -> dict[str, Any]:
+        return aggregate_round(self.rule, st, t, *self.client_updates(st, t, bar))
+
+    def client_updates(
+        self, st: ServerState, t: int, bar=None
+    ) -> tuple[list[int], list[ClientUpdate], list[float], int]:
+        """The client half of round ``t`` from state ``st``: the sampled clients, their
+        updates, their aggregation weights and the bytes the server sent them."""
         cfg, plan = self.cfg, self.rule.client_plan(t)
         clients = sample_clients(len(self.parts), t, cfg.fraction, cfg.seed)
         merges = {n: s.merge() for n, s in st.layers.items()} if st.layers else {}
@@ -364,7 +371,7 @@ class Federation:
             if bar is not None:
                 bar.remove_task(task_id)
             weights.append(float(self.sizes[i]) if cfg.weighting == "examples" else 1.0)
-        return aggregate_round(self.rule, st, t, clients, updates, weights, bytes_down)
+        return clients, updates, weights, bytes_down
 
     # -- evaluation -------------------------------------------------------------------------------
     def _evaluate(self, st: ServerState) -> dict[str, Any]:
