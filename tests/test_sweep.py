@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from glora.experiments.grid import expand, load_preset, packaged_presets
 from glora.experiments.report import load_results, markdown
 from glora.experiments.sweep import ERROR, INDEX, TimeLeft, print_plan, run_status, run_sweep, sweep_command
 from glora.federation.config import RunConfig
-from glora.federation.results import RunStore, run_device
+from glora.federation.results import SUMMARY, RunStore, run_device
 
 GRID = """
 name = "tiny-grid"
@@ -194,8 +195,33 @@ def test_reuse_links_finished_runs_of_another_sweep_and_runs_the_rest(tmp_path, 
     assert "--reuse-from" in report.index["commands"][0]
     assert sorted(r.identity for r in report.runs if r.linked) == sorted(linked)
     assert f"{len(linked)} of them" in markdown(report, {})
-    with pytest.raises(ValueError, match="not a sweep's results folder"):
+    with pytest.raises(ValueError, match="no such folder"):
         sweep_command(str(grid), results, reuse_from=[tmp_path / "nothing"], progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no run folders"):
+        sweep_command(str(grid), results, reuse_from=[tmp_path / "empty"], progress=False)
+
+
+def test_reuse_links_runs_of_glora_run_by_their_config_not_their_folder_name(tmp_path, grid, monkeypatch):
+    other = tmp_path / "other"
+    planned = expand(load_preset(grid))
+    _sweep(grid, other, FakeRuns(), monkeypatch, seeds=[0])
+    # `glora run --out` folders under names of the user's choosing; one of them unfinished.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    named = {}
+    for k, run in enumerate(r for r in planned if r.labels[0].seed == 0):
+        named[run.identity] = runs / f"my-run-{k}"
+        shutil.copytree(other / run.identity, named[run.identity])
+    unfinished = planned[0].identity
+    (named[unfinished] / SUMMARY).unlink()
+    monkeypatch.setattr(sweep_mod, "run_federation", fake := FakeRuns())
+    results = tmp_path / "results"
+    sweep_command(str(grid), results, seeds=[0], reuse_from=[runs], progress=False, console=Console(file=io.StringIO()))
+    assert [i for i, _ in fake.calls] == [unfinished]
+    linked = [i for i in named if i != unfinished]
+    assert all((results / i).resolve() == named[i].resolve() for i in linked)
+    assert not (results / unfinished).is_symlink()
 
 
 def test_index_accumulates_over_seed_by_seed_sweeps(tmp_path, grid, monkeypatch):
@@ -322,6 +348,41 @@ def test_gauge_control_preset_keeps_fedit_at_equal_rank():
     runs = expand(load_preset("controls"), settings=["gauge-on"])
     assert {r.config.rule for r in runs} == {"glora", "flora", "flexlora", "fedit", "hetlora"}
     assert all(r.config.random_gauge and r.config.ranks == "8" for r in runs)
+
+
+def test_server_rank_variants_differ_from_their_partners_only_in_the_server_rank():
+    preset = load_preset("server-rank")
+    variants = {name: s.versus for name, s in preset.settings.items() if s.versus}
+    assert set(variants) == {name for name in preset.settings if name.endswith("-2x")}
+    for variant, partner in variants.items():
+        mine = {r.labels[0].seed: r.config for r in expand(preset, settings=[variant], rules=["glora"])}
+        theirs = {r.labels[0].seed: r.config for r in expand(preset, settings=[partner], rules=["glora"])}
+        assert set(mine) == set(theirs) == {0, 1, 2}
+        for seed, config in mine.items():
+            largest = {"8": 8, "2,4,8,16": 16, "skewed": 16}[theirs[seed].ranks]  # the skewed split: 2 to 16
+            assert theirs[seed].rule_options == {}
+            assert config == theirs[seed].replace(rule_options={"rank": 2 * largest})
+
+
+def test_a_variant_setting_names_another_setting_and_reaches_the_index(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        GRID.replace(
+            'rule_options = { consensus = "energy" }', 'rule_options = { consensus = "energy" }\nversus = "skw"'
+        )
+    )
+    with pytest.raises(ValueError, match="versus = 'skw', which names no other setting"):
+        load_preset(bad)
+    good = tmp_path / "good.toml"
+    good.write_text(
+        GRID.replace(
+            'rule_options = { consensus = "energy" }', 'rule_options = { consensus = "energy" }\nversus = "skew"'
+        )
+    )
+    results = tmp_path / "results"
+    _sweep(good, results, FakeRuns(), monkeypatch, seeds=[0])
+    settings = json.loads((results / INDEX).read_text())["settings"]
+    assert settings["energy"]["versus"] == "skew" and "versus" not in settings["iid"]
 
 
 @pytest.mark.slow

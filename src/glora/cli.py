@@ -320,8 +320,9 @@ def sweep(
     ),
     reuse_from: str | None = typer.Option(
         None,
-        help="Other sweeps' results folders, comma-separated: their finished runs with the same identity (the "
-        "same resolved config) are linked into --results instead of being run again.",
+        help="Other sweeps' results folders, or folders of `glora run --out` folders, comma-separated: their "
+        "finished runs with the same identity (the same resolved config) are linked into --results instead of "
+        "being run again.",
     ),
 ) -> None:
     """Run a preset's grid (rules x settings x tasks x seeds): finished runs are skipped,

@@ -13,8 +13,10 @@ the same shape can be given by path. Keys of a preset file::
     seeds = [0, 1, 2]
     [base]                       # RunConfig fields shared by every run
     [tasks.<task>]               # a task of the grid and its overrides (may be empty)
-    [settings.<label>]           # a setting: RunConfig overrides, plus two optional keys:
-                                 #   rules = [...] (only these rules in this setting), note = "..."
+    [settings.<label>]           # a setting: RunConfig overrides, plus three optional keys:
+                                 #   rules = [...] (only these rules in this setting), note = "...",
+                                 #   versus = "<setting>" (a variant of that setting: the report
+                                 #   compares the two columns seed by seed)
     [rule_options.<rule>]        # options of one rule, in every setting
     [cost]                       # for time estimates: see glora.experiments.estimate.CostModel
 
@@ -35,7 +37,7 @@ from glora.federation.config import RunConfig
 from glora.federation.simulation import check_config
 
 _PRESET_KEYS = {"name", "description", "rules", "seeds", "base", "tasks", "settings", "rule_options", "cost"}
-_SETTING_KEYS = {"rules", "note"}  # keys of a setting that are not RunConfig fields
+_SETTING_KEYS = {"rules", "note", "versus"}  # keys of a setting that are not RunConfig fields
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Setting:
     overrides: dict[str, Any]
     rules: tuple[str, ...] | None = None
     note: str = ""
+    versus: str | None = None  # the setting this one is a variant of (same splits, one change)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,13 @@ def parse_preset(data: dict[str, Any], source: str, default_name: str = "preset"
         body = dict(body)
         rules = body.pop("rules", None)
         note = body.pop("note", "")
-        settings[label] = Setting(label, body, tuple(rules) if rules is not None else None, note)
+        versus = body.pop("versus", None)
+        if versus is not None and (versus not in data["settings"] or versus == label):
+            raise ValueError(
+                f"preset {source}: setting {label!r} has versus = {versus!r}, which names no other setting; "
+                f"settings: {', '.join(data['settings'])}"
+            )
+        settings[label] = Setting(label, body, tuple(rules) if rules is not None else None, note, versus)
     rules = tuple(data["rules"])
     for rule in rules + tuple(r for s in settings.values() for r in s.rules or ()):
         if rule not in RULES:

@@ -196,15 +196,23 @@ def last_rounds(res: Results, task: str, setting: str, metric: str, last: int) -
 
 
 def paired_stat(
-    res: Results, task: str, setting: str, rule: str, other: str, metric: str, last: int | None = None
+    res: Results,
+    task: str,
+    setting: str,
+    rule: str,
+    other: str,
+    metric: str,
+    last: int | None = None,
+    other_setting: str | None = None,
 ) -> tuple[Stat, int] | None:
     """``rule``'s final metric (or mean over the ``last`` evaluations) minus ``other``'s, over
     the seeds both finished, and on how many of those seeds ``rule`` came out ahead. A seed
     fixes the partition, the sampled clients and the initial adapters for every rule, so the
     difference on one seed compares the rules on the same data: the spread of the difference
-    is the rules', without the splits'."""
+    is the rules', without the splits'. ``other_setting``: ``other``'s runs in that setting
+    instead (a variant column against its partner, whose splits it shares)."""
     mine = final_values(res, task, setting, rule, metric, last=last)
-    theirs = final_values(res, task, setting, other, metric, last=last)
+    theirs = final_values(res, task, other_setting or setting, other, metric, last=last)
     seeds = sorted(set(mine) & set(theirs))
     if not seeds:
         return None
@@ -342,7 +350,9 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
     for name in res.axis("settings"):
         note = idx["settings"].get(name, {}).get("note", "")
         overrides = json.dumps(idx["settings"].get(name, {}).get("overrides", {}), sort_keys=True)
-        out.append(f"- `{name}`: {note + ' ' if note else ''}(overrides {overrides})\n")
+        versus = idx["settings"].get(name, {}).get("versus")
+        variant = f"; a variant of `{versus}`" if versus else ""
+        out.append(f"- `{name}`: {note + ' ' if note else ''}(overrides {overrides}{variant})\n")
     out.append("\nLearning rates (from the runs' configs):\n")
     out.append(_learning_rates(res))
     out.append(
@@ -380,6 +390,7 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
             if f"by_rank/{task}/{setting}" in plots:
                 out.append(f"\n![{metric} by rank]({plots[f'by_rank/{task}/{setting}']})\n")
     out.append(_paired_section(res))
+    out.append(_versus_section(res))
     if last > 1:
         out.append(_last_section(res, last))
     curves = [k for k in plots if k.startswith("curve/")]
@@ -438,6 +449,55 @@ def _paired_tables(res: Results, anchor: str, min_seeds: int, last: int | None =
     return out
 
 
+def _partners(res: Results) -> dict[str, str]:
+    """Each variant setting (``versus`` in the preset) and the setting it is a variant of."""
+    return {name: body["versus"] for name, body in res.index.get("settings", {}).items() if body.get("versus")}
+
+
+def _versus_tables(res: Results, min_seeds: int, last: int | None = None, level: str = "###") -> list[str]:
+    """Per task, each rule of a variant column against each rule of its partner column, seed
+    by seed (see ``paired_stat``), where they have ``min_seeds`` seeds in common."""
+    out: list[str] = []
+    partners = _partners(res)
+    for task in res.axis("tasks"):
+        metric = res.main_metric(task)
+        settings = res.settings_of(task)
+        rows = []
+        for setting in settings:
+            partner = partners.get(setting)
+            if partner not in settings:
+                continue
+            for rule in res.axis("rules"):
+                pairs = {
+                    other: paired_stat(res, task, setting, rule, other, metric, last, other_setting=partner)
+                    for other in res.axis("rules")
+                }
+                pairs = {o: p for o, p in pairs.items() if p is not None and p[0].n >= min_seeds}
+                if pairs:
+                    rows.append((f"{setting}: {_rule_name(rule)}", partner, pairs))
+        if rows:
+            others = [o for o in res.axis("rules") if any(o in pairs for _, _, pairs in rows)]
+            cells = [[name, partner, *(_fmt_pair(pairs.get(o)) for o in others)] for name, partner, pairs in rows]
+            table = _table(["variant", "against column", *(_rule_name(o) for o in others)], cells)
+            out.append(f"\n{level} {task}: {metric}\n\n" + table)
+    return out
+
+
+def _versus_section(res: Results, min_seeds: int = 2) -> str:
+    """Each variant column against its partner column, seed by seed."""
+    out = _versus_tables(res, min_seeds)
+    if not out:
+        return ""
+    head = (
+        "\n## Each variant column against the column it varies, seed by seed\n\nA variant column (`versus` in the "
+        "preset) changes one thing of another column and keeps its splits, so a seed pairs the two. Each cell: "
+        "the variant's final metric minus the metric of the rule in the column head in the other column, "
+        "mean ± sample standard deviation over the seeds both finished (n), and on how many of them the variant "
+        f"came out ahead. Only cells with at least {min_seeds} seeds in common.\n"
+    )
+    return head + "".join(out)
+
+
 def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> str:
     """GLoRA against each other rule, seed by seed, where both have ``min_seeds`` seeds in common."""
     out = _paired_tables(res, anchor, min_seeds)
@@ -476,6 +536,13 @@ def _last_section(res: Results, last: int, anchor: str = "glora", min_seeds: int
             f"As in the seed-by-seed section above; only cells with at least {min_seeds} seeds in common.\n"
         )
         out.extend(paired)
+    versus = _versus_tables(res, min_seeds, last, level="####")
+    if versus:
+        out.append(
+            f"\n### Each variant column against the column it varies, on the mean of the last {last} evaluations\n\n"
+            f"As in the section above; only cells with at least {min_seeds} seeds in common.\n"
+        )
+        out.extend(versus)
     return "".join(out)
 
 

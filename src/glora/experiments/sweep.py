@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from glora.experiments.grid import PlannedRun, Preset, expand, load_preset
+from glora.federation.config import RunConfig
 from glora.federation.results import CONFIG, METRICS, SUMMARY, RunStore, run_device, write_json
 from glora.federation.simulation import run_federation
 from glora.models.device import device_kind
@@ -102,7 +103,10 @@ def _update_index(path: Path, preset: Preset, runs: list[PlannedRun], command: s
             "rules": list(preset.all_rules()),
             "seeds": list(preset.seeds),
         },
-        "settings": {s.name: {"note": s.note, "overrides": s.overrides} for s in preset.settings.values()},
+        "settings": {
+            s.name: {"note": s.note, "overrides": s.overrides, **({"versus": s.versus} if s.versus else {})}
+            for s in preset.settings.values()
+        },
         "runs": entries,
     }
     write_json(path, index)
@@ -359,27 +363,44 @@ def with_tuned_lrs(runs: list[PlannedRun], lrs: dict[str, float], source: Path) 
     return runs
 
 
+def finished_runs(source: Path) -> dict[str, Path]:
+    """The finished runs in ``source`` by identity: a sweep's results folder (one folder per
+    identity) or any folder of ``glora run --out`` folders. The identity is recomputed from each
+    run's config.json, so a run made by ``glora run`` with the grid's resolved config is the run
+    a sweep would make. ValueError where ``source`` holds no run folder at all."""
+    if not source.is_dir():
+        raise ValueError(f"--reuse-from {source}: no such folder; give a sweep's results folder or a folder of runs")
+    found: dict[str, Path] = {}
+    runs = sorted(p for p in source.iterdir() if (p / CONFIG).exists())
+    if not runs:
+        raise ValueError(
+            f"--reuse-from {source}: holds no run folders (sub-folders with a {CONFIG}); give a sweep's results "
+            "folder or a folder of `glora run --out` folders"
+        )
+    for folder in runs:
+        if run_status(folder) == FINISHED:
+            config = RunConfig.from_saved(json.loads((folder / CONFIG).read_text()))
+            found.setdefault(config.identity(), folder)
+    return found
+
+
 def reuse_finished(runs: list[PlannedRun], results_dir: Path, sources: list[Path]) -> list[str]:
     """Link each run not yet in ``results_dir`` to a finished run of the same identity in one
-    of ``sources`` (another sweep's results folder), so a cell two presets share is run once.
-    The identity is the hash of the resolved config, so the linked run is the run this sweep
-    would make. The links are relative (they survive a move of the results tree together).
-    Returns the identities linked."""
-    for source in sources:
-        if not (source / INDEX).exists():
-            raise ValueError(f"--reuse-from {source}: not a sweep's results folder (it has no {INDEX})")
+    of ``sources`` (see :func:`finished_runs`), so a cell two presets share is run once. The
+    identity is the hash of the resolved config, so the linked run is the run this sweep would
+    make. The links are relative (they survive a move of the results tree together). Returns
+    the identities linked."""
+    found = [finished_runs(source) for source in sources]
     results_dir.mkdir(parents=True, exist_ok=True)
     linked = []
     for run in runs:
         folder = results_dir / run.identity
         if folder.exists() or folder.is_symlink():
             continue
-        for source in sources:
-            done = source / run.identity
-            if run_status(done) == FINISHED:
-                folder.symlink_to(os.path.relpath(done, results_dir))
-                linked.append(run.identity)
-                break
+        done = next((f[run.identity] for f in found if run.identity in f), None)
+        if done is not None:
+            folder.symlink_to(os.path.relpath(done, results_dir))
+            linked.append(run.identity)
     return linked
 
 
