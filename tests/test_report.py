@@ -275,6 +275,8 @@ def test_a_variant_column_is_compared_with_its_partner_seed_by_seed(results):
     (results / "sweep.json").write_text(json.dumps(index))
     md = markdown(load_results(results), {})
     assert '(overrides {"rule_options": {"rank": 16}}; a variant of `s1`)' in md
+    # The variant column holds one federated rule: nothing to rank, nothing bold.
+    assert "| glora | 0.8200 ± 0.0200 (3) | **0.7100 ± 0.0141** (2) | 0.8450 ± 0.0212 (2) |" in md
     section = md.split("## Each variant column against the column it varies, seed by seed")[1].split("\n## ")[0]
     # Seeds 0 and 1 (seed 2 was interrupted). Against s1's glora (0.80, 0.82): +0.03, +0.04 ->
     # mean 0.035, sample std 0.0070711, ahead on both. Against s1's fedit (0.79, 0.85): +0.04,

@@ -268,9 +268,10 @@ def fmt(stat: Stat | None, best: bool = False, mixed: bool = False) -> str:
 
 
 def _best(stats: dict[str, Stat | None]) -> set[str]:
-    """Rules with the highest mean among the federated rules (references excluded)."""
+    """Rules with the highest mean among the federated rules (references excluded); none
+    where fewer than two federated rules have a value (a column of one rule ranks nothing)."""
     means = {rule: s.mean for rule, s in stats.items() if s is not None and rule not in REFERENCES}
-    if not means:
+    if len(means) < 2:
         return set()
     top = max(means.values())
     return {rule for rule, m in means.items() if m == top}
