@@ -222,6 +222,10 @@ def test_reuse_links_runs_of_glora_run_by_their_config_not_their_folder_name(tmp
     linked = [i for i in named if i != unfinished]
     assert all((results / i).resolve() == named[i].resolve() for i in linked)
     assert not (results / unfinished).is_symlink()
+    (named[unfinished] / SUMMARY).write_text("{}")
+    (named[unfinished] / "config.json").write_text('{"lr": 0.001, "not_a_field": 1}')
+    with pytest.raises(ValueError, match=r"my-run-0/config.json is not a run's config .*not_a_field"):
+        sweep_command(str(grid), results, reuse_from=[runs], progress=False, console=Console(file=io.StringIO()))
 
 
 def test_index_accumulates_over_seed_by_seed_sweeps(tmp_path, grid, monkeypatch):

@@ -37,7 +37,6 @@ from glora.federation.config import RunConfig
 from glora.federation.simulation import check_config
 
 _PRESET_KEYS = {"name", "description", "rules", "seeds", "base", "tasks", "settings", "rule_options", "cost"}
-_SETTING_KEYS = {"rules", "note", "versus"}  # keys of a setting that are not RunConfig fields
 
 
 @dataclass(frozen=True)

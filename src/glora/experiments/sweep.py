@@ -379,7 +379,10 @@ def finished_runs(source: Path) -> dict[str, Path]:
         )
     for folder in runs:
         if run_status(folder) == FINISHED:
-            config = RunConfig.from_saved(json.loads((folder / CONFIG).read_text()))
+            try:
+                config = RunConfig.from_saved(json.loads((folder / CONFIG).read_text()))
+            except ValueError as e:
+                raise ValueError(f"--reuse-from {source}: {folder / CONFIG} is not a run's config ({e})") from e
             found.setdefault(config.identity(), folder)
     return found
 
