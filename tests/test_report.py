@@ -91,6 +91,11 @@ def _check(rows, key, n, mean, std):
     assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std, abs=1e-6)
 
 
+def _section(md, heading, end="\n## "):
+    """The markdown from ``heading`` up to the next heading that starts with ``end``."""
+    return md.split(heading)[1].split(end)[0]
+
+
 def test_numbers_equal_a_hand_computation(results):
     write_report(results, plots=False)
     rows = _csv_rows(results / "report.csv")
@@ -132,7 +137,7 @@ def test_numbers_equal_a_hand_computation(results):
     # Seed by seed, glora - fedit on s1: +0.01, -0.03, +0.01 -> mean -0.01/3; deviations
     # 0.04/3, -0.08/3, 0.04/3: squares sum to 0.0096/9, / 2, sqrt = 0.0230940; ahead on 2 of 3.
     # Cells with one seed in common (s2's fedit, either centralized column) are left out.
-    paired = md.split("## glora against each rule, seed by seed")[1].split("\n## ")[0]
+    paired = _section(md, "## glora against each rule, seed by seed")
     assert "| against | s1 | s2 |" in paired
     assert "| fedit | -0.0033 ± 0.0231 (3; ahead on 2) |  |" in paired
     assert "centralized" not in paired
@@ -167,7 +172,7 @@ def test_mean_of_the_last_evaluations(results):
     assert "| fedit | **0.8233 ± 0.0306** (3) | 0.7050 (1) |" in final
     assert "| fedsa-lora † | 0.7500 ± 0.0000 (2) |  |" in final
     # glora s2: 0.65, 0.66; fedit s2: 0.6525. glora is now best in both columns.
-    table = last.split("### sst2: accuracy, mean of the last 2 evaluations")[1].split("\n### ")[0]
+    table = _section(last, "### sst2: accuracy, mean of the last 2 evaluations", end="\n### ")
     assert "| rule | s1 (rounds 1, 2) | s2 (rounds 1, 2) |" in table
     assert "| glora | **0.8600 ± 0.0100** (3) | **0.6550 ± 0.0071** (2) |" in table
     assert "| fedit | 0.7117 ± 0.0153 (3) | 0.6525 (1) |" in table
@@ -277,7 +282,7 @@ def test_a_variant_column_is_compared_with_its_partner_seed_by_seed(results):
     assert '(overrides {"rule_options": {"rank": 16}}; a variant of `s1`)' in md
     # The variant column holds one federated rule: nothing to rank, nothing bold.
     assert "| glora | 0.8200 ± 0.0200 (3) | **0.7100 ± 0.0141** (2) | 0.8450 ± 0.0212 (2) |" in md
-    section = md.split("## Each variant column against the column it varies, seed by seed")[1].split("\n## ")[0]
+    section = _section(md, "## Each variant column against the column it varies, seed by seed")
     # Seeds 0 and 1 (seed 2 was interrupted). Against s1's glora (0.80, 0.82): +0.03, +0.04 ->
     # mean 0.035, sample std 0.0070711, ahead on both. Against s1's fedit (0.79, 0.85): +0.04,
     # +0.01 -> mean 0.025, std 0.0212132. The centralized run shares one seed only: left out.

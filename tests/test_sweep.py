@@ -369,20 +369,16 @@ def test_server_rank_variants_differ_from_their_partners_only_in_the_server_rank
 
 
 def test_a_variant_setting_names_another_setting_and_reaches_the_index(tmp_path, monkeypatch):
-    bad = tmp_path / "bad.toml"
-    bad.write_text(
-        GRID.replace(
-            'rule_options = { consensus = "energy" }', 'rule_options = { consensus = "energy" }\nversus = "skw"'
-        )
-    )
+    def energy_versus(partner):
+        """The tiny grid with its energy setting a variant of ``partner``."""
+        path = tmp_path / f"versus-{partner}.toml"
+        energy = 'rule_options = { consensus = "energy" }'
+        path.write_text(GRID.replace(energy, f'{energy}\nversus = "{partner}"'))
+        return path
+
     with pytest.raises(ValueError, match="versus = 'skw', which names no other setting"):
-        load_preset(bad)
-    good = tmp_path / "good.toml"
-    good.write_text(
-        GRID.replace(
-            'rule_options = { consensus = "energy" }', 'rule_options = { consensus = "energy" }\nversus = "skew"'
-        )
-    )
+        load_preset(energy_versus("skw"))
+    good = energy_versus("skew")
     results = tmp_path / "results"
     _sweep(good, results, FakeRuns(), monkeypatch, seeds=[0])
     settings = json.loads((results / INDEX).read_text())["settings"]

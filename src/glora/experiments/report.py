@@ -349,10 +349,10 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
     out.append("".join(f"- `{c}`\n" for c in idx["commands"]))
     out.append("\nSettings:\n")
     for name in res.axis("settings"):
-        note = idx["settings"].get(name, {}).get("note", "")
-        overrides = json.dumps(idx["settings"].get(name, {}).get("overrides", {}), sort_keys=True)
-        versus = idx["settings"].get(name, {}).get("versus")
-        variant = f"; a variant of `{versus}`" if versus else ""
+        body = idx["settings"].get(name, {})
+        note = body.get("note", "")
+        overrides = json.dumps(body.get("overrides", {}), sort_keys=True)
+        variant = f"; a variant of `{body['versus']}`" if body.get("versus") else ""
         out.append(f"- `{name}`: {note + ' ' if note else ''}(overrides {overrides}{variant})\n")
     out.append("\nLearning rates (from the runs' configs):\n")
     out.append(_learning_rates(res))
