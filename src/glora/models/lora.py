@@ -59,6 +59,15 @@ class LoraSettings:
         )
 
 
+def _attention_guess(linear: list[str]) -> list[str]:
+    """The query and value projections among a backbone's linear layer names, by the names
+    the common architectures use (BERT's query/value, MPNet's q/v, Llama's q_proj/v_proj)."""
+    for pair in (["query", "value"], ["q_proj", "v_proj"], ["q", "v"], ["q_lin", "v_lin"]):
+        if set(pair) <= set(linear):
+            return pair
+    return ["all-linear"]
+
+
 def adapter_name(rank: int) -> str:
     return f"r{rank}"
 
@@ -82,7 +91,13 @@ class AdaptedModel:
                     model, settings.config(ranks[0]), adapter_name=adapter_name(ranks[0])
                 )
         except ValueError as e:
-            raise ValueError(f"LoRA target modules {settings.target_modules} not found in the backbone: {e}") from e
+            # peft's message names no alternative; the backbone's own linear layers are the choices.
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"LoRA target modules {list(settings.target_modules)} not found in the backbone, whose linear "
+                f"layers are named {linear}: pass --target-modules (target_modules in a preset) with its "
+                f"attention projections, e.g. {','.join(_attention_guess(linear))}"
+            ) from e
         for r in ranks[1:]:
             self.peft.add_adapter(adapter_name(r), settings.config(r))
         self.ranks = ranks
