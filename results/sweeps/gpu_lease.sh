@@ -109,12 +109,9 @@ export LR_FROM
 # SST-2 before CoLA: at these budgets every federated rule sits at MCC 0 on CoLA
 # (results/cola-probes), so SST-2's three seeds come first, seed by seed (seeds 1 and 2
 # before seed 0's leftovers: a column with three seeds is worth more than a wider seed 0);
-# then server-rank's GLoRA runs not made yet, into a folder of their own (the committed
-# server-rank folder links runs outside results/sweeps, which do not travel); then CoLA.
+# then CoLA. (SST-2's settings 1-3 are complete in results/sweeps since session 11.)
 chain='for s in 1 2 0; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
   glora sweep $p --results $R/$p --seeds $s --only-tasks sst2 $LR_FROM --threads 1 --no-progress; done; done
-  glora sweep server-rank --results $R/server-rank-new --only-settings skewed-2x --seeds 1,2 --threads 1 --no-progress
-  glora sweep server-rank --results $R/server-rank-new --only-settings alpha-0.5-2x --threads 1 --no-progress
   for s in 0 1 2; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
   glora sweep $p --results $R/$p --seeds $s --only-tasks cola $LR_FROM --threads 1 --no-progress; done; done
   glora sweep controls --results $R/controls $LR_FROM --threads 1 --no-progress'
