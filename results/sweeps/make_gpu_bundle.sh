@@ -3,13 +3,13 @@
 # network, at most 64 MiB of files sent) needs beyond this repo. MiniLM goes in float16
 # (90 MB in float32 would not fit; gpu_lease.sh casts it back to float32, so the GPU runs
 # use the CPU runs' weights rounded to float16), the SST-2 and CoLA files of the data
-# directory, and the transformers and peft versions this project pins, unpacked from their
-# wheels into one xz tarball (4 MB against the wheels' 14 MB: the tracked tree grew, and
-# with the wheels as they are the whole would pass the 64 MiB limit).
+# directory, and the transformers and peft versions this project pins, installed into one
+# folder and sent as an xz tarball (4 MB against their wheels' 14 MB: the tracked tree grew,
+# and with the wheels the whole would pass the 64 MiB limit).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
-rm -rf .gpu && mkdir -p .gpu/whl .gpu/minilm .gpu/data/glue .gpu/site
+rm -rf .gpu && mkdir -p .gpu/minilm .gpu/data/glue
 data=${GLORA_DATA_DIR:-../shared/data}
 cp -r "$data/glue/sst2" "$data/glue/cola" .gpu/data/glue/
 .venv/bin/python - <<'PY'
@@ -29,8 +29,7 @@ for f in src.iterdir():
 weights = load_file(src / "model.safetensors")
 save_file({k: v.half().contiguous() for k, v in weights.items()}, dst / "model16.safetensors", metadata={"format": "pt"})
 PY
-.venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl transformers==5.24.0 peft==0.21.2
-for w in .gpu/whl/*.whl; do .venv/bin/python -m zipfile -e "$w" .gpu/site; done
+.venv/bin/python -m pip install -q --no-deps --no-compile --only-binary=:all: --target .gpu/site transformers==5.24.0 peft==0.21.2
 tar cf - -C .gpu/site . | xz -9 -T2 > .gpu/site.tar.xz
-rm -rf .gpu/whl .gpu/site
+rm -rf .gpu/site
 du -sh .gpu
