@@ -5,7 +5,8 @@
 #   2. the lr-tuning preset (held-out slice of the training data) on SST-2 and CoLA, and the
 #      default-tuning preset (glora run's defaults, issue 4);
 #   3. the headline presets with the tuned rate per task (--lr-from), SST-2 then CoLA, seed 0
-#      of every setting first, then seeds 1 and 2, then the controls; PARALLEL sweep processes share
+#      of every setting first, then seeds 1 and 2, then the controls (setting 4, larger-backbone,
+#      before all of them when MPNet's parts have arrived, below); PARALLEL sweep processes share
 #      each results folder (a run is claimed by one of them), until DEADLINE seconds.
 # Everything lands in $OUT/sweeps.tar.gz (run folders without checkpoints, logs).
 # To continue the committed sweeps on a later lease rather than start afresh:
@@ -26,6 +27,15 @@ R=${RUNS:-/tmp/runs}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT" "$R/logs"
 export SITE
+# MPNet for setting 4 comes in parts, one a call to the same warm machine (make_gpu_bundle.sh
+# with MPNET=1): each call keeps the parts it carried outside the repo, where the later calls
+# find them; RECEIVE=1 stops there. Once all have arrived, the lease runs larger-backbone first.
+MPNET_PARTS=${MPNET_PARTS:-/tmp/mpnet-parts}
+[ -d .gpu-mpnet ] && mkdir -p "$MPNET_PARTS" && cp -r .gpu-mpnet/. "$MPNET_PARTS/"
+if [ "${RECEIVE:-0}" = 1 ]; then
+  $PY results/sweeps/mpnet_parts.py missing "$MPNET_PARTS"
+  exit 0
+fi
 left() { echo $(( $1 - ($(date +%s) - START) )); }
 finish() {
   tar czf "$OUT/sweeps.tar.gz" --exclude=checkpoint.pt --exclude=adapter --exclude=.locks -C "$(dirname "$R")" "$(basename "$R")"
@@ -53,6 +63,10 @@ save_file({k: v.float() for k, v in w.items()}, folder / "model.safetensors", me
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, {name}")
 PY
+MPNET=0
+if [ -d "$MPNET_PARTS" ]; then
+  $PY results/sweeps/mpnet_parts.py join "$MPNET_PARTS" "$GLORA_CACHE_DIR/backbones/all-mpnet-base-v2" && MPNET=1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 glora() { $PY -m glora.cli "$@"; }
 
@@ -66,6 +80,8 @@ from glora.federation.tasks import GlueTask
 for task in ('sst2', 'cola'):
     for split in ('validation', 'heldout'):
         GlueTask(RunConfig.for_task(task, eval_split=split, threads=1))
+    if $MPNET:
+        GlueTask(RunConfig.for_task(task, backbone='mpnet', target_modules=('q', 'v'), threads=1))
 " || { finish; exit 1; }
 echo "setup done after $(( $(date +%s) - START )) s"
 
@@ -115,6 +131,10 @@ chain='for s in 1 2 0; do for p in data-heterogeneity resource-heterogeneity spa
   for s in 0 1 2; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
   glora sweep $p --results $R/$p --seeds $s --only-tasks cola $LR_FROM --threads 1 --no-progress; done; done
   glora sweep controls --results $R/controls $LR_FROM --threads 1 --no-progress'
+# MPNet's 14 runs first when it has arrived: each of the PARALLEL processes claims one of them,
+# the rest go on to the chain above.
+[ "$MPNET" = 1 ] && chain="glora sweep larger-backbone --results \$R/larger-backbone \$LR_FROM --threads 1 --no-progress
+  $chain"
 pool sweeps "$DEADLINE" "$chain"
 for d in "$R"/*/; do
   [ -f "$d/sweep.json" ] && echo "$(basename "$d"): $(ls "$d"/*/summary.json 2>/dev/null | wc -l) finished"

@@ -6,6 +6,9 @@
 # directory, and the transformers and peft versions this project pins, installed into one
 # folder and sent as an xz tarball (4 MB against their wheels' 14 MB: the tracked tree grew,
 # and with the wheels the whole would pass the 64 MiB limit).
+# MPNET=1 also builds .gpu-mpnet/ (git-ignored): MPNet for setting 4 in float16 parts, each
+# small enough to travel beside the tracked tree in one call (mpnet_parts.py; the call
+# sequence is in results/sweeps/README.md, "Setting 4").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
@@ -33,3 +36,14 @@ PY
 tar cf - -C .gpu/site . | xz -9 -T2 > .gpu/site.tar.xz
 rm -rf .gpu/site
 du -sh .gpu
+if [ "${MPNET:-0}" = 1 ]; then
+  grep -qx "/.gpu-mpnet/" .git/info/exclude || echo "/.gpu-mpnet/" >> .git/info/exclude
+  # what travels with every call: the tracked files and the untracked ones git does not ignore
+  tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
+  part=$(( 64 * 1024 * 1024 - tree - 4 * 1024 * 1024 ))  # 4 MiB spare: part 1's small files, a grown tree
+  echo "tracked tree $(( tree / 1024 )) KiB: parts of at most $(( part / 1024 )) KiB"
+  .venv/bin/python results/sweeps/mpnet_parts.py split \
+    "$(.venv/bin/python -c 'from glora.models.backbones import mpnet_folder; print(mpnet_folder())')" \
+    .gpu-mpnet --part-bytes "$part"
+  du -sh .gpu-mpnet/*
+fi
