@@ -232,7 +232,9 @@ def export_adapter(
     """Save a total update per layer (dense, relative to the pretrained weights of the fresh
     ``model``) and the head as one peft adapter folder that ``PeftModel.from_pretrained``
     loads. Its rank is the largest numerical rank of the updates, so the adapter reproduces
-    them up to float32 round-off. Returns that rank."""
+    them up to float32 round-off. Returns that rank. A layer narrower than that rank (a
+    grouped-query v_proj beside a full-width q_proj) gets zero columns of B and rows of A
+    beyond its width, which add nothing to its update."""
     svds = {n: torch.linalg.svd(d.double(), full_matrices=False) for n, d in updates.items()}
     rank = max(1, max(numerical_rank(S, 1e-7) for _, S, _ in svds.values()))
     adapted = AdaptedModel(model, settings, [rank])
@@ -240,7 +242,10 @@ def export_adapter(
     factors = {}
     for n, (U, S, Vh) in svds.items():
         root = torch.sqrt(S[:rank] / scale)
-        factors[n] = LowRank((U[:, :rank] * root).float(), (root[:, None] * Vh[:rank]).float(), scale)
+        pad = rank - root.numel()
+        B = torch.nn.functional.pad(U[:, :rank] * root, (0, pad))
+        A = torch.nn.functional.pad(root[:, None] * Vh[:rank], (0, 0, 0, pad))
+        factors[n] = LowRank(B.float(), A.float(), scale)
     adapted.set_factors(rank, factors)
     adapted.set_head(rank, head)
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
