@@ -165,6 +165,26 @@ def test_resume_reaches_the_same_metrics(tmp_path, monkeypatch):
     resumed = Federation(cfg, tmp_path / "resumed", progress=False).run(resume=True)
     assert resumed["final"] == straight["final"]
     assert resumed["final_by_rank"] == straight["final_by_rank"]
+    meta = json.loads((tmp_path / "resumed" / "meta.json").read_text())
+    assert [(r["after_round"], r["device"]) for r in meta["resumes"]] == [(1, "cpu")]
+
+
+@pytest.mark.slow
+def test_a_run_begun_again_without_a_checkpoint_records_its_own_start(tmp_path):
+    """A folder with a config but no checkpoint (a run cut before its first checkpoint, or
+    copied without it from another machine) starts again at round 1: its meta.json must name
+    this start, not keep the other machine's, and its old metrics go."""
+    cfg = SMALL.replace(rounds=1, local_steps=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"identity": cfg.identity(), **cfg.to_dict()}))
+    (out / "meta.json").write_text(json.dumps({"git_commit": "elsewhere", "device": "cuda", "torch": "2.11.0+cu130"}))
+    (out / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval": {"accuracy": 0.0}}) + "\n")
+    Federation(cfg, out, progress=False).run(resume=True)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["device"] == "cpu" and meta["git_commit"] != "elsewhere" and "resumes" not in meta
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1] and "round_seconds" in rounds[0]
 
 
 @pytest.mark.slow

@@ -102,6 +102,24 @@ class RunStore:
             },
         )
 
+    def note_resume(self, after_round: int, command: list[str] | None = None, device: str | None = None) -> None:
+        """Add to meta.json where and from which code a run went on after ``after_round``: a
+        resumed run may mix commits and machines, and its meta says so."""
+        meta = self.meta() or {}
+        resumes = meta.get("resumes", [])
+        resumes.append(
+            {
+                "after_round": after_round,
+                "git_commit": git_commit(),
+                "command": command if command is not None else sys.argv,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "device": device,
+            }
+        )
+        write_json(self.path(META), {**meta, "resumes": resumes})
+
     def _read_json(self, name: str) -> dict[str, Any] | None:
         p = self.path(name)
         return json.loads(p.read_text()) if p.exists() else None

@@ -435,10 +435,12 @@ class Federation:
             if st.base_offsets is not None:
                 self.model.set_base_offsets(st.base_offsets)
             store.truncate_metrics(st.round)
+            store.note_resume(st.round, command=command, device=device_kind(cfg.device))
             self.console.print(f"[bold]resuming[/bold] {store.folder} after round {st.round}")
-        elif existing is None:
-            store.start(cfg.to_dict(), cfg.identity(), command=command, device=device_kind(cfg.device))
         else:
+            # A new run, or one begun again from round 1 (no checkpoint): meta.json says where
+            # and from which code this start was made, not an earlier start's machine.
+            store.start(cfg.to_dict(), cfg.identity(), command=command, device=device_kind(cfg.device))
             store.truncate_metrics(0)
         self.started = time.perf_counter() - st.elapsed
         return st
