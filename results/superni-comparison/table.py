@@ -1,5 +1,7 @@
 """The comparison's tables from its run folders: unseen and seen ROUGE-L per run, then the
-unseen score per category. Usage: python results/superni-comparison/table.py runs/superni-comparison"""
+unseen score per category. Usage: python results/superni-comparison/table.py runs/superni-comparison,
+or a sweep's results folder (results/sweeps/task-heterogeneity), whose run folders are named by
+config identity: there each run is named by its rule, and its ranks where the rule comes twice."""
 
 import json
 import sys
@@ -8,10 +10,24 @@ from pathlib import Path
 ORDER = ["zero-shot", "glora", "flexlora", "hetlora", "fedit", "centralized"]
 
 
+def named_runs(root: Path) -> dict[str, Path]:
+    """The finished run folders under ``root`` by display name, in ORDER."""
+    folders = [f.parent for f in sorted(root.glob("*/summary.json"))]
+    if all(f.name in ORDER for f in folders):
+        return {f.name: f for f in sorted(folders, key=lambda f: ORDER.index(f.name))}
+    configs = {f: json.loads((f / "config.json").read_text()) for f in folders}
+    rules = [c["rule"] for c in configs.values()]
+    rank = {f: ORDER.index(c["rule"]) if c["rule"] in ORDER else len(ORDER) for f, c in configs.items()}
+    return {
+        (c["rule"] if rules.count(c["rule"]) == 1 else f"{c['rule']} (ranks {c['ranks']})"): f
+        for f, c in sorted(configs.items(), key=lambda fc: (rank[fc[0]], fc[1]["rule"], fc[1]["ranks"]))
+    }
+
+
 def main(root: Path) -> None:
-    done = [n for n in ORDER if (root / n / "summary.json").exists()]
-    runs = {n: json.loads((root / n / "summary.json").read_text()) for n in done}
-    configs = {n: json.loads((root / n / "config.json").read_text()) for n in runs}
+    folders = named_runs(root)
+    runs = {n: json.loads((f / "summary.json").read_text()) for n, f in folders.items()}
+    configs = {n: json.loads((f / "config.json").read_text()) for n, f in folders.items()}
     print("| run | ranks | unseen ROUGE-L | seen ROUGE-L | wall (s) | peak RSS (MB) | MiB up (total) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for n, s in runs.items():
