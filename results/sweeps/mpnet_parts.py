@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"
 
 def split(model_dir: Path, out: Path, part_bytes: int) -> int:
     """Write ``model_dir``'s weights in float16 as parts of at most ``part_bytes`` bytes under
-    ``out/1`` ... ``out/N`` (its other files and the manifest in ``out/1/files``); returns N."""
+    ``out/1`` ... ``out/N`` (its other files in ``out/1/files``, the manifest in ``out/1``); returns N."""
     import torch
     from safetensors.torch import load_file, save
 
