@@ -10,6 +10,7 @@ import torch
 
 from glora.federation import simulation
 from glora.federation.config import RunConfig, parse_ranks
+from glora.federation.results import RunStore
 from glora.federation.simulation import Federation, check_config
 
 SMALL = RunConfig(
@@ -176,8 +177,7 @@ def test_a_run_begun_again_without_a_checkpoint_records_its_own_start(tmp_path):
     this start, not keep the other machine's, and its old metrics go."""
     cfg = SMALL.replace(rounds=1, local_steps=2)
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps({"identity": cfg.identity(), **cfg.to_dict()}))
+    RunStore(out).start(cfg.to_dict(), cfg.identity())
     (out / "meta.json").write_text(json.dumps({"git_commit": "elsewhere", "device": "cuda", "torch": "2.11.0+cu130"}))
     (out / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval": {"accuracy": 0.0}}) + "\n")
     Federation(cfg, out, progress=False).run(resume=True)

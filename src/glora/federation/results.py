@@ -71,6 +71,23 @@ def run_device(meta: dict[str, Any]) -> str | None:
     return None
 
 
+def provenance(command: list[str] | None, device: str | None) -> dict[str, Any]:
+    """How and where this process runs: the code, the command (default: this process's argv),
+    the time, the software and the torch device type; what meta.json records of a run's start
+    and of each resume."""
+    return {
+        "glora_version": glora.__version__,
+        "git_commit": git_commit(),
+        "command": command if command is not None else sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "device": device,
+    }
+
+
 class RunStore:
     """The files of one run folder."""
 
@@ -87,37 +104,13 @@ class RunStore:
         torch device type the model trains on, which the config's "auto" leaves open)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.path(CONFIG), {"identity": identity, **config})
-        write_json(
-            self.path(META),
-            {
-                "glora_version": glora.__version__,
-                "git_commit": git_commit(),
-                "command": command if command is not None else sys.argv,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads(),
-                "machine": platform.machine(),
-                "device": device,
-            },
-        )
+        write_json(self.path(META), provenance(command, device))
 
     def note_resume(self, after_round: int, command: list[str] | None = None, device: str | None = None) -> None:
         """Add to meta.json where and from which code a run went on after ``after_round``: a
         resumed run may mix commits and machines, and its meta says so."""
         meta = self.meta() or {}
-        resumes = meta.get("resumes", [])
-        resumes.append(
-            {
-                "after_round": after_round,
-                "git_commit": git_commit(),
-                "command": command if command is not None else sys.argv,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "torch": torch.__version__,
-                "machine": platform.machine(),
-                "device": device,
-            }
-        )
+        resumes = [*meta.get("resumes", []), {"after_round": after_round, **provenance(command, device)}]
         write_json(self.path(META), {**meta, "resumes": resumes})
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
