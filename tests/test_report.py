@@ -96,6 +96,11 @@ def _section(md, heading, end="\n## "):
     return md.split(heading)[1].split(end)[0]
 
 
+def _commands(md):
+    """The commands of the first ```bash block in ``md``, one per line."""
+    return md.split("```bash\n")[1].split("\n```")[0].split("\n")
+
+
 def test_numbers_equal_a_hand_computation(results):
     write_report(results, plots=False)
     rows = _csv_rows(results / "report.csv")
@@ -130,7 +135,8 @@ def test_numbers_equal_a_hand_computation(results):
     # Provenance: the command, and compute = 10 finished runs x 360 s = 1.00 h (the shared
     # centralized run counted once).
     assert "10 of 12 runs finished; total compute 1.00 h" in md
-    assert "Runs: `glora sweep fixture --results sweep`. Compute: 1.00 h (wall time of 10 runs)." in md
+    assert "Compute: 1.00 h (wall time of 10 runs). Trained on: not recorded (10). Made by:" in md
+    assert _commands(_section(md, "## sst2: accuracy")) == ["glora sweep fixture --results sweep"]
     assert "sst2: learning rate 0.002, shared by every rule." in md
     assert "| f2s1 | failed | sst2/s2/fedit/seed 1 | RuntimeError: out of memory |" in md
     assert "| g2s2 | interrupted | sst2/s2/glora/seed 2 |  |" in md
@@ -195,18 +201,18 @@ def test_each_table_names_the_commands_of_its_own_runs(results):
         entry["commands"] = [first if identity == "c0" or entry["labels"][0]["setting"] == "s1" else second]
     (results / "sweep.json").write_text(json.dumps(index))
 
-    def cost_provenance(setting):
+    def cost_commands(setting):
         md = markdown(load_results(results), {})
-        return md.split(f"### {setting}\n\n")[1].split("\n")[0]
+        return _commands(md.split(f"### {setting}\n\n")[1])
 
     # s1's runs were all made by the first command; s2's by the second, except the centralized
     # run that fills both columns, made by the first.
-    assert cost_provenance("s1").startswith(f"Runs: `{first}`. Compute")
-    assert cost_provenance("s2").startswith(f"Runs: `{first}`; `{second}`. Compute")
+    assert cost_commands("s1") == [first]
+    assert cost_commands("s2") == [first, second]
     # A folder indexed before runs recorded their commands names every command.
     del index["runs"]["g1s0"]["commands"]
     (results / "sweep.json").write_text(json.dumps(index))
-    assert cost_provenance("s1").startswith(f"Runs: `{first}`; `{second}`. Compute")
+    assert cost_commands("s1") == [first, second]
 
 
 def test_cells_whose_seeds_trained_on_different_devices_are_marked(results):

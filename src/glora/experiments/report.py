@@ -293,16 +293,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _provenance(res: Results, runs: list[Run]) -> str:
-    """The commands behind ``runs`` (every command of the folder where a run's were not
-    recorded: sweeps indexed before runs kept them), and their compute."""
+    """The compute of ``runs``, and the commands behind them one per line in a code block
+    (every command of the folder where a run's were not recorded: sweeps indexed before runs
+    kept them)."""
     if all(r.commands is not None for r in runs):
         used = {c for r in runs for c in r.commands}
         chosen = [c for c in res.index["commands"] if c in used]
     else:
         chosen = res.index["commands"]
-    commands = "; ".join(f"`{c}`" for c in chosen)
     n = f"{len(runs)} run" + "s" * (len(runs) != 1)
-    return f"Runs: {commands}. Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {n}). {_devices(runs)}\n"
+    block = "\n".join(["```bash", *chosen, "```"])
+    return f"Compute: {compute_seconds(runs) / 3600:.2f} h (wall time of {n}). {_devices(runs)} Made by:\n\n{block}\n"
 
 
 def _devices(runs: list[Run]) -> str:
