@@ -269,12 +269,12 @@ def fmt(stat: Stat | None, best: bool = False, mixed: bool = False) -> str:
 
 def _best(stats: dict[str, Stat | None]) -> set[str]:
     """Rules with the highest mean among the federated rules (references excluded); none
-    where fewer than two federated rules have a value (a column of one rule ranks nothing)."""
+    where fewer than two federated rules have a value (a column of one rule ranks nothing) or
+    where every one has the same mean (CoLA's columns at MCC 0: no rule is ahead of another)."""
     means = {rule: s.mean for rule, s in stats.items() if s is not None and rule not in REFERENCES}
-    if len(means) < 2:
-        return set()
-    top = max(means.values())
-    return {rule for rule, m in means.items() if m == top}
+    top = max(means.values(), default=None)
+    best = {rule for rule, m in means.items() if m == top}
+    return set() if len(means) < 2 or best == set(means) else best
 
 
 def _personal(rule: str) -> bool:
@@ -359,7 +359,8 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
     out.append(_learning_rates(res))
     out.append(
         "\nEach cell: the final-round metric, mean ± sample standard deviation over seeds, and (n) the number "
-        "of seeds. **Bold**: the best federated rule of the column (references excluded; ties all bold). "
+        "of seeds. **Bold**: the best federated rule of the column (references excluded; ties all bold, "
+        "none where every federated rule has the same mean). "
         "† the mean of the clients' own models (a personalised rule), not one global model. "
         "The centralized reference pools every client's data, so the partition and client ranks do not "
         "apply to it: one run fills every column it shares."
