@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from glora.experiments.report import load_results, markdown, write_report
+from glora.experiments.report import markdown, write_report
+from glora.experiments.sweep_results import load_results
 
 MIB = 2**20
 

@@ -17,8 +17,9 @@ from glora.cli import app
 from glora.experiments import sweep as sweep_mod
 from glora.experiments.estimate import CostModel, estimate_seconds
 from glora.experiments.grid import expand, load_preset, packaged_presets
-from glora.experiments.report import load_results, markdown
+from glora.experiments.report import markdown
 from glora.experiments.sweep import ERROR, INDEX, TimeLeft, print_plan, run_status, run_sweep, sweep_command
+from glora.experiments.sweep_results import load_results
 from glora.federation.config import RunConfig
 from glora.federation.results import SUMMARY, RunStore, run_device
 

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from glora.aggregation import RULES
-from glora.experiments.report import REFERENCES, Results, Stat, cost_stats, curve, final_stat, ranks_of
+from glora.experiments.statistics import Stat, cost_stats, curve, final_stat, ranks_of
+from glora.experiments.sweep_results import REFERENCES, Results
 
 
 def _slug(text: str) -> str:

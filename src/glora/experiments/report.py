@@ -1,8 +1,8 @@
 """``glora report RESULTS_DIR``: tables (markdown and CSV) and plots of a sweep's runs.
 
-Reads ``sweep.json`` (which grid cells each run fills) and each run folder's
-summary.json and metrics.jsonl. Every number is a mean and sample standard deviation over
-seeds of the final-round metric (and, on request, of each seed's mean over its last K
+The sweep folder is read by ``sweep_results`` and its numbers computed by ``statistics``;
+this module lays them out. Every number is a mean and sample standard deviation over seeds
+of the final-round metric (and, on request, of each seed's mean over its last K
 evaluations); every table says which command made its runs and how much compute they took.
 The output is deterministic: the same runs give the same bytes.
 """
@@ -13,250 +13,25 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from glora.aggregation import RULES
-from glora.experiments.sweep import ERROR, FAILED, FINISHED, INDEX, run_status
-from glora.federation.results import RunStore, atomic_write, run_device
-
-REFERENCES = ("centralized", "local")
-MIB = 2.0**20
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation (ddof 1; None for one value) of n values."""
-
-    n: int
-    mean: float
-    std: float | None
-
-    @classmethod
-    def of(cls, values: list[float]) -> Stat:
-        arr = np.asarray(values, dtype=np.float64)
-        return cls(len(arr), float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None)
-
-
-@dataclass
-class Run:
-    """One run folder and the grid cells it fills."""
-
-    identity: str
-    labels: list[dict[str, Any]]
-    status: str
-    config: dict[str, Any] | None
-    summary: dict[str, Any] | None
-    rounds: list[dict[str, Any]]
-    error: str | None
-    linked: bool = False  # a link to another sweep's run (glora sweep --reuse-from)
-    commands: list[str] | None = None  # the sweep commands whose grid holds it (None: not recorded)
-    device: str | None = None  # the kind of device it trained on ("cpu", "cuda"; None: not recorded)
-
-    @property
-    def device_name(self) -> str:
-        return self.device or "not recorded"
-
-    def evaluations(self, metric: str) -> dict[int, float]:
-        """The global model's ``metric`` at each round that evaluated it, in round order."""
-        return {x["round"]: x["eval"][metric] for x in self.rounds if metric in x.get("eval", {})}
-
-
-@dataclass
-class Results:
-    index: dict[str, Any]
-    runs: list[Run]
-
-    # -- axes and cells ---------------------------------------------------------------------------
-    def finished(self) -> list[Run]:
-        return [r for r in self.runs if r.status == FINISHED]
-
-    def axis(self, name: str) -> list[Any]:
-        """An axis in the preset's order, then any values only the runs have (sorted)."""
-        order = list(self.index["axes"][name])
-        seen = {lab[name[:-1]] for r in self.finished() for lab in r.labels}
-        return [v for v in order if v in seen] + sorted(seen - set(order))
-
-    def cell(self, task: str, setting: str, rule: str) -> list[tuple[int, Run]]:
-        """The finished runs of one cell, with their seeds, sorted by seed."""
-        out = []
-        for r in self.finished():
-            for lab in r.labels:
-                if (lab["task"], lab["setting"], lab["rule"]) == (task, setting, rule):
-                    out.append((lab["seed"], r))
-        return sorted(out, key=lambda x: x[0])
-
-    def settings_of(self, task: str) -> list[str]:
-        """The settings with a finished run of ``task``, in axis order."""
-        return [s for s in self.axis("settings") if self.runs_of(task, s)]
-
-    def runs_of(self, task: str | None = None, setting: str | None = None) -> list[Run]:
-        """Distinct finished runs with a label in ``task`` and/or ``setting``."""
-
-        def fits(lab: dict[str, Any]) -> bool:
-            return (task is None or lab["task"] == task) and (setting is None or lab["setting"] == setting)
-
-        return [r for r in self.finished() if any(fits(lab) for lab in r.labels)]
-
-    def main_metric(self, task: str) -> str:
-        return next(r.summary["main_metric"] for r in self.runs_of(task=task))
-
-
-def load_results(results_dir: Path) -> Results:
-    """The sweep index and every run it lists. ValueError if the folder holds no sweep."""
-    results_dir = Path(results_dir)
-    path = results_dir / INDEX
-    if not path.exists():
-        raise ValueError(f"{results_dir} has no {INDEX}: give the --results folder of a `glora sweep`")
-    index = json.loads(path.read_text())
-    runs = []
-    for identity, entry in sorted(index["runs"].items()):
-        folder = results_dir / identity
-        status = run_status(folder)
-        store = RunStore(folder)
-        error = (folder / ERROR).read_text().strip().splitlines()[-1] if status == FAILED else None
-        runs.append(
-            Run(
-                identity,
-                entry["labels"],
-                status,
-                store.config(),
-                store.summary(),
-                store.metrics(),
-                error,
-                linked=folder.is_symlink(),
-                commands=entry.get("commands"),
-                device=run_device(store.meta() or {}),
-            )
-        )
-    _check_one_run_per_cell(runs)
-    return Results(index, runs)
-
-
-def _check_one_run_per_cell(runs: list[Run]) -> None:
-    """ValueError if two finished runs claim one cell and seed: the folder then mixes configs
-    (typically a preset changed under a results folder), and averaging them would pass two
-    configs off as two seeds."""
-    owners: dict[tuple[Any, ...], list[str]] = {}
-    for r in runs:
-        if r.status == FINISHED:
-            for lab in r.labels:
-                owners.setdefault((lab["task"], lab["setting"], lab["rule"], lab["seed"]), []).append(r.identity)
-    clashes = {cell: ids for cell, ids in owners.items() if len(ids) > 1}
-    if clashes:
-        listed = "; ".join(f"{'/'.join(map(str, cell))}: {', '.join(ids)}" for cell, ids in sorted(clashes.items()))
-        raise ValueError(
-            f"runs of different configs fill the same cell and seed ({listed}): the preset changed under "
-            "this results folder. Move the runs of the old config to a folder of their own (with their "
-            "sweep.json entries), or give the new preset its own --results folder"
-        )
-
-
-# -- numbers ----------------------------------------------------------------------------------------
-def final_stat(
-    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None, last: int | None = None
-) -> Stat | None:
-    """The final metric of a cell over seeds: the run's main result (``final``), the model a
-    client of ``rank`` receives, or the global model's mean over the ``last`` evaluations."""
-    values = list(final_values(res, task, setting, rule, metric, rank, last).values())
-    return Stat.of(values) if values else None
-
-
-def final_values(
-    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None, last: int | None = None
-) -> dict[int, float]:
-    """The final metric of each seed of a cell that recorded it (see ``final_stat``). With
-    ``last``, each seed's global-model metric averaged over its last ``last`` evaluated rounds
-    (seeds with fewer evaluations left out): one round's value can swing by several points
-    when few clients are sampled a round, and the mean of the last few is the usual steadier
-    summary. Personalised rules have no global model a round, so they give no values then."""
-    if last is not None:
-        if _personal(rule):
-            return {}
-        tails = {seed: list(run.evaluations(metric).values())[-last:] for seed, run in res.cell(task, setting, rule)}
-        return {seed: float(np.mean(tail)) for seed, tail in tails.items() if len(tail) == last}
-    values = {}
-    for seed, run in res.cell(task, setting, rule):
-        source = run.summary.get("final") if rank is None else (run.summary.get("final_by_rank") or {}).get(rank)
-        if source is not None and metric in source:
-            values[seed] = source[metric]
-    return values
-
-
-def last_rounds(res: Results, task: str, setting: str, metric: str, last: int) -> list[int]:
-    """The rounds that the mean over the ``last`` evaluations of ``metric`` covers in (task,
-    setting), over every finished run of it (runs of one setting share their evaluation rounds)."""
-    rounds: set[int] = set()
-    for run in res.runs_of(task, setting):
-        rounds.update(list(run.evaluations(metric))[-last:])
-    return sorted(rounds)
-
-
-def paired_stat(
-    res: Results,
-    task: str,
-    setting: str,
-    rule: str,
-    other: str,
-    metric: str,
-    last: int | None = None,
-    other_setting: str | None = None,
-) -> tuple[Stat, int] | None:
-    """``rule``'s final metric (or mean over the ``last`` evaluations) minus ``other``'s, over
-    the seeds both finished, and on how many of those seeds ``rule`` came out ahead. A seed
-    fixes the partition, the sampled clients and the initial adapters for every rule, so the
-    difference on one seed compares the rules on the same data: the spread of the difference
-    is the rules', without the splits'. ``other_setting``: ``other``'s runs in that setting
-    instead (a variant column against its partner, whose splits it shares)."""
-    mine = final_values(res, task, setting, rule, metric, last=last)
-    theirs = final_values(res, task, other_setting or setting, other, metric, last=last)
-    seeds = sorted(set(mine) & set(theirs))
-    if not seeds:
-        return None
-    diffs = [mine[s] - theirs[s] for s in seeds]
-    return Stat.of(diffs), sum(d > 0 for d in diffs)
-
-
-def cost_stats(res: Results, setting: str, rule: str) -> dict[str, Stat] | None:
-    """Per-round costs of every run of (setting, rule), over tasks and seeds."""
-    runs = {r.identity: r for task in res.axis("tasks") for _, r in res.cell(task, setting, rule)}
-    if not runs:
-        return None
-    per_run: dict[str, list[float]] = {k: [] for k in ("server_seconds", "mib_up", "mib_down", "wall_seconds")}
-    for run in runs.values():
-        per_run["server_seconds"].append(float(np.mean([x["server_seconds"] for x in run.rounds])))
-        per_run["mib_up"].append(float(np.mean([x["bytes_up"] for x in run.rounds])) / MIB)
-        per_run["mib_down"].append(float(np.mean([x["bytes_down"] for x in run.rounds])) / MIB)
-        per_run["wall_seconds"].append(run.summary["wall_seconds"])
-    return {k: Stat.of(v) for k, v in per_run.items()}
-
-
-def curve(res: Results, task: str, setting: str, rule: str, metric: str) -> tuple[list[int], list[Stat]]:
-    """The global model's metric against round, over seeds, at the rounds every seed evaluated."""
-    per_seed = [run.evaluations(metric) for _, run in res.cell(task, setting, rule)]
-    if not per_seed:
-        return [], []
-    rounds = sorted(set.intersection(*(set(s) for s in per_seed)))
-    return rounds, [Stat.of([s[t] for s in per_seed]) for t in rounds]
-
-
-def mixes_devices(res: Results, task: str, setting: str, rule: str) -> bool:
-    """Whether the seeds of a cell trained on more than one kind of device: their spread then
-    holds the devices' different numerics as well as the seeds'."""
-    return len({run.device for _, run in res.cell(task, setting, rule)}) > 1
-
-
-def ranks_of(res: Results, task: str, setting: str) -> list[str]:
-    """Client ranks with a per-rank result in (task, setting), in increasing order."""
-    ranks = {k for r in res.runs_of(task, setting) for k in (r.summary.get("final_by_rank") or {})}
-    return sorted(ranks, key=int)
-
-
-def compute_seconds(runs: list[Run]) -> float:
-    return float(sum(r.summary["wall_seconds"] for r in runs))
+from glora.experiments.statistics import (
+    MIB,
+    Stat,
+    compute_seconds,
+    cost_stats,
+    final_stat,
+    last_rounds,
+    mixes_devices,
+    paired_stat,
+    personal,
+    ranks_of,
+)
+from glora.experiments.sweep import FINISHED
+from glora.experiments.sweep_results import REFERENCES, Results, Run, load_results
+from glora.federation.results import atomic_write
 
 
 # -- formatting ---------------------------------------------------------------------------------------
@@ -277,12 +52,8 @@ def _best(stats: dict[str, Stat | None]) -> set[str]:
     return set() if len(means) < 2 or best == set(means) else best
 
 
-def _personal(rule: str) -> bool:
-    return rule in RULES and RULES[rule].reports_personal
-
-
 def _rule_name(rule: str) -> str:
-    mark = " †" if _personal(rule) else ""
+    mark = " †" if personal(rule) else ""
     return f"{rule} (reference){mark}" if rule in REFERENCES else f"{rule}{mark}"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glora.experiments.report import Results, load_results
+from glora.experiments.sweep_results import Results, load_results
 
 REFERENCES = frozenset({"centralized", "local"})
 

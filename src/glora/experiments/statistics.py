@@ -1,0 +1,136 @@
+"""The numbers of a report, from a sweep read back (``sweep_results.Results``): per cell, the
+mean and sample standard deviation over seeds of the final metric, seed-by-seed differences
+between two rules, costs per round and metric-against-round curves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from glora.aggregation import RULES
+from glora.experiments.sweep_results import Results, Run
+
+MIB = 2.0**20
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof 1; None for one value) of n values."""
+
+    n: int
+    mean: float
+    std: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        arr = np.asarray(values, dtype=np.float64)
+        return cls(len(arr), float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+def personal(rule: str) -> bool:
+    """Whether ``rule`` reports its clients' own models rather than one global model."""
+    return rule in RULES and RULES[rule].reports_personal
+
+
+def final_stat(
+    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None, last: int | None = None
+) -> Stat | None:
+    """The final metric of a cell over seeds: the run's main result (``final``), the model a
+    client of ``rank`` receives, or the global model's mean over the ``last`` evaluations."""
+    values = list(final_values(res, task, setting, rule, metric, rank, last).values())
+    return Stat.of(values) if values else None
+
+
+def final_values(
+    res: Results, task: str, setting: str, rule: str, metric: str, rank: str | None = None, last: int | None = None
+) -> dict[int, float]:
+    """The final metric of each seed of a cell that recorded it (see ``final_stat``). With
+    ``last``, each seed's global-model metric averaged over its last ``last`` evaluated rounds
+    (seeds with fewer evaluations left out): one round's value can swing by several points
+    when few clients are sampled a round, and the mean of the last few is the usual steadier
+    summary. Personalised rules have no global model a round, so they give no values then."""
+    if last is not None:
+        if personal(rule):
+            return {}
+        tails = {seed: list(run.evaluations(metric).values())[-last:] for seed, run in res.cell(task, setting, rule)}
+        return {seed: float(np.mean(tail)) for seed, tail in tails.items() if len(tail) == last}
+    values = {}
+    for seed, run in res.cell(task, setting, rule):
+        source = run.summary.get("final") if rank is None else (run.summary.get("final_by_rank") or {}).get(rank)
+        if source is not None and metric in source:
+            values[seed] = source[metric]
+    return values
+
+
+def last_rounds(res: Results, task: str, setting: str, metric: str, last: int) -> list[int]:
+    """The rounds that the mean over the ``last`` evaluations of ``metric`` covers in (task,
+    setting), over every finished run of it (runs of one setting share their evaluation rounds)."""
+    rounds: set[int] = set()
+    for run in res.runs_of(task, setting):
+        rounds.update(list(run.evaluations(metric))[-last:])
+    return sorted(rounds)
+
+
+def paired_stat(
+    res: Results,
+    task: str,
+    setting: str,
+    rule: str,
+    other: str,
+    metric: str,
+    last: int | None = None,
+    other_setting: str | None = None,
+) -> tuple[Stat, int] | None:
+    """``rule``'s final metric (or mean over the ``last`` evaluations) minus ``other``'s, over
+    the seeds both finished, and on how many of those seeds ``rule`` came out ahead. A seed
+    fixes the partition, the sampled clients and the initial adapters for every rule, so the
+    difference on one seed compares the rules on the same data: the spread of the difference
+    is the rules', without the splits'. ``other_setting``: ``other``'s runs in that setting
+    instead (a variant column against its partner, whose splits it shares)."""
+    mine = final_values(res, task, setting, rule, metric, last=last)
+    theirs = final_values(res, task, other_setting or setting, other, metric, last=last)
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    diffs = [mine[s] - theirs[s] for s in seeds]
+    return Stat.of(diffs), sum(d > 0 for d in diffs)
+
+
+def cost_stats(res: Results, setting: str, rule: str) -> dict[str, Stat] | None:
+    """Per-round costs of every run of (setting, rule), over tasks and seeds."""
+    runs = {r.identity: r for task in res.axis("tasks") for _, r in res.cell(task, setting, rule)}
+    if not runs:
+        return None
+    per_run: dict[str, list[float]] = {k: [] for k in ("server_seconds", "mib_up", "mib_down", "wall_seconds")}
+    for run in runs.values():
+        per_run["server_seconds"].append(float(np.mean([x["server_seconds"] for x in run.rounds])))
+        per_run["mib_up"].append(float(np.mean([x["bytes_up"] for x in run.rounds])) / MIB)
+        per_run["mib_down"].append(float(np.mean([x["bytes_down"] for x in run.rounds])) / MIB)
+        per_run["wall_seconds"].append(run.summary["wall_seconds"])
+    return {k: Stat.of(v) for k, v in per_run.items()}
+
+
+def curve(res: Results, task: str, setting: str, rule: str, metric: str) -> tuple[list[int], list[Stat]]:
+    """The global model's metric against round, over seeds, at the rounds every seed evaluated."""
+    per_seed = [run.evaluations(metric) for _, run in res.cell(task, setting, rule)]
+    if not per_seed:
+        return [], []
+    rounds = sorted(set.intersection(*(set(s) for s in per_seed)))
+    return rounds, [Stat.of([s[t] for s in per_seed]) for t in rounds]
+
+
+def mixes_devices(res: Results, task: str, setting: str, rule: str) -> bool:
+    """Whether the seeds of a cell trained on more than one kind of device: their spread then
+    holds the devices' different numerics as well as the seeds'."""
+    return len({run.device for _, run in res.cell(task, setting, rule)}) > 1
+
+
+def ranks_of(res: Results, task: str, setting: str) -> list[str]:
+    """Client ranks with a per-rank result in (task, setting), in increasing order."""
+    ranks = {k for r in res.runs_of(task, setting) for k in (r.summary.get("final_by_rank") or {})}
+    return sorted(ranks, key=int)
+
+
+def compute_seconds(runs: list[Run]) -> float:
+    return float(sum(r.summary["wall_seconds"] for r in runs))
