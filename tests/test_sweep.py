@@ -229,6 +229,30 @@ def test_reuse_links_runs_of_glora_run_by_their_config_not_their_folder_name(tmp
         sweep_command(str(grid), results, reuse_from=[runs], progress=False, console=Console(file=io.StringIO()))
 
 
+def test_reuse_links_a_centralized_run_made_with_the_clients_ranks_and_partition(tmp_path, grid, monkeypatch):
+    """The centralized reference trains one client on every example at the largest rank, so a
+    `glora run --rule centralized --ranks 2,4,8 --alpha 0.1` computes the grid's centralized cell
+    (IID, rank 8): it is linked, not run again. One that differs where the run does look (its
+    learning rate) is not."""
+    planned = {(r.labels[0].rule, r.labels[0].seed): r.config for r in expand(load_preset(grid))}
+    runs = tmp_path / "runs"
+    made = {
+        "seed-0": planned["centralized", 0].replace(ranks="2,4,8", alpha=0.1),
+        "seed-1-other-lr": planned["centralized", 1].replace(ranks="2,4,8", alpha=0.1, lr=1e-2),
+    }
+    for name, cfg in made.items():
+        RunStore(runs / name).start(cfg.to_dict(), cfg.identity(), command=["glora", "run"])
+        RunStore(runs / name).finish({"final": {"accuracy": 0.9}, "main_metric": "accuracy", "wall_seconds": 1.0})
+    monkeypatch.setattr(sweep_mod, "run_federation", fake := FakeRuns())
+    results = tmp_path / "results"
+    sweep_command(str(grid), results, reuse_from=[runs], progress=False, console=Console(file=io.StringIO()))
+    ran = [i for i, _ in fake.calls]
+    central = {seed: planned["centralized", seed].identity() for seed in (0, 1)}
+    assert (results / central[0]).resolve() == (runs / "seed-0").resolve() and central[0] not in ran
+    assert not (results / central[1]).is_symlink() and central[1] in ran
+    assert len(ran) == len(expand(load_preset(grid))) - 1
+
+
 def test_index_accumulates_over_seed_by_seed_sweeps(tmp_path, grid, monkeypatch):
     results = tmp_path / "results"
     monkeypatch.setattr(sweep_mod, "run_federation", FakeRuns())

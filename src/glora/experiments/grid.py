@@ -177,9 +177,8 @@ def _pick(name: str, chosen: list[Any] | None, available: tuple[Any, ...], sourc
 
 def resolve_config(preset: Preset, task: str, setting: Setting, rule: str, seed: int) -> RunConfig:
     """The config of one grid cell: base, then the task's overrides, then the setting's, then
-    the rule and seed. The centralized reference pools every client's data, so the partition
-    and the client ranks do not apply to it: it is normalised to IID and the largest rank,
-    and settings that differ only there share one run."""
+    the rule and seed, made canonical (:func:`canonical`), so settings that differ only where a
+    run does not look share one run."""
     d: dict[str, Any] = {**preset.base, **preset.tasks[task], **setting.overrides}
     d["rule_options"] = {
         **preset.base.get("rule_options", {}),
@@ -189,9 +188,17 @@ def resolve_config(preset: Preset, task: str, setting: Setting, rule: str, seed:
     d.update(task=task, rule=rule, seed=seed)
     if d.get("alpha") == "iid":
         d["alpha"] = None
-    cfg = RunConfig.from_dict(d)
-    if RULES[rule].pooled:
-        cfg = cfg.replace(alpha=None, ranks=str(max(cfg.client_ranks())))
+    return canonical(RunConfig.from_dict(d))
+
+
+def canonical(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with what its run does not read normalised. The centralized reference pools
+    every client's data (the partition covers every example) into one client of the largest
+    rank, so its partition and other ranks do not change what it computes: they become IID and
+    the largest rank. A run's identity is that of its canonical config, whether it came from a
+    preset or from ``glora run`` (``--reuse-from``)."""
+    if cfg.rule in RULES and RULES[cfg.rule].pooled:
+        return cfg.replace(alpha=None, ranks=str(max(cfg.client_ranks())))
     return cfg
 
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from glora.experiments.grid import PlannedRun, Preset, expand, load_preset
+from glora.experiments.grid import PlannedRun, Preset, canonical, expand, load_preset
 from glora.federation.config import RunConfig
 from glora.federation.results import CONFIG, METRICS, SUMMARY, RunStore, run_device, write_json
 from glora.federation.simulation import run_federation
@@ -366,8 +366,9 @@ def with_tuned_lrs(runs: list[PlannedRun], lrs: dict[str, float], source: Path) 
 def finished_runs(source: Path) -> dict[str, Path]:
     """The finished runs in ``source`` by identity: a sweep's results folder (one folder per
     identity) or any folder of ``glora run --out`` folders. The identity is recomputed from each
-    run's config.json, so a run made by ``glora run`` with the grid's resolved config is the run
-    a sweep would make. ValueError where ``source`` holds no run folder at all."""
+    run's config.json made canonical (``grid.canonical``), so a run made by ``glora run`` that
+    computes what a grid cell computes is the run a sweep would make. ValueError where
+    ``source`` holds no run folder at all."""
     if not source.is_dir():
         raise ValueError(f"--reuse-from {source}: no such folder; give a sweep's results folder or a folder of runs")
     found: dict[str, Path] = {}
@@ -383,7 +384,7 @@ def finished_runs(source: Path) -> dict[str, Path]:
                 config = RunConfig.from_saved(json.loads((folder / CONFIG).read_text()))
             except ValueError as e:
                 raise ValueError(f"--reuse-from {source}: {folder / CONFIG} is not a run's config ({e})") from e
-            found.setdefault(config.identity(), folder)
+            found.setdefault(canonical(config).identity(), folder)
     return found
 
 
