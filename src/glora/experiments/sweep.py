@@ -430,7 +430,8 @@ def sweep_command(
     preset = load_preset(preset_arg)
     runs = expand(preset, seeds=seeds, rules=rules, tasks=tasks, settings=settings)
     if lr_from is not None:
-        from glora.experiments.tuned import tuned_lrs_from  # reads results through report, which imports this module
+        # imported here: tuned reads results through sweep_results, which imports this module
+        from glora.experiments.tuned import tuned_lrs_from
 
         runs = with_tuned_lrs(runs, tuned_lrs_from(lr_from), lr_from)
     if threads is not None:
