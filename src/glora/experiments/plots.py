@@ -13,8 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from glora.aggregation import RULES
-from glora.experiments.statistics import Stat, cost_stats, curve, final_stat, ranks_of
+from glora.experiments.statistics import Stat, cost_stats, curve, final_stat, personal, ranks_of
 from glora.experiments.sweep_results import REFERENCES, Results
 
 
@@ -99,7 +98,7 @@ def plot_curves(res: Results, task: str, setting: str, path: Path) -> Path | Non
     ax = fig.subplots()
     drawn = False
     for rule in res.axis("rules"):
-        if rule in RULES and RULES[rule].reports_personal:
+        if personal(rule):
             continue
         rounds, stats = curve(res, task, setting, rule, metric)
         if not rounds:

@@ -15,10 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from glora.experiments.statistics import (
-    MIB,
     Stat,
     compute_seconds,
     cost_stats,
@@ -28,6 +25,7 @@ from glora.experiments.statistics import (
     paired_stat,
     personal,
     ranks_of,
+    run_costs,
 )
 from glora.experiments.sweep import FINISHED
 from glora.experiments.sweep_results import REFERENCES, Results, Run, load_results
@@ -390,14 +388,11 @@ def csv_text(res: Results, last: int = 1) -> str:
                         rows[f"last{last}.{m}"] = final_stat(res, task, setting, rule, m, last=last)
                 runs = [r for _, r in cell]
                 devices = "+".join(sorted({r.device_name for r in runs}))
-
-                def per_round(key: str, unit: float = 1.0, runs: list[Run] = runs) -> Stat:
-                    return Stat.of([float(np.mean([x[key] for x in r.rounds])) / unit for r in runs])
-
-                rows["server_seconds_per_round"] = per_round("server_seconds")
-                rows["mib_up_per_round"] = per_round("bytes_up", MIB)
-                rows["mib_down_per_round"] = per_round("bytes_down", MIB)
-                rows["wall_seconds"] = Stat.of([r.summary["wall_seconds"] for r in runs])
+                costs = run_costs(runs)
+                rows["server_seconds_per_round"] = costs["server_seconds"]
+                rows["mib_up_per_round"] = costs["mib_up"]
+                rows["mib_down_per_round"] = costs["mib_down"]
+                rows["wall_seconds"] = costs["wall_seconds"]
                 for quantity, s in rows.items():
                     if s is not None:
                         std = "" if s.std is None else f"{s.std:.6f}"

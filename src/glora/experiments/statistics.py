@@ -100,15 +100,18 @@ def paired_stat(
 def cost_stats(res: Results, setting: str, rule: str) -> dict[str, Stat] | None:
     """Per-round costs of every run of (setting, rule), over tasks and seeds."""
     runs = {r.identity: r for task in res.axis("tasks") for _, r in res.cell(task, setting, rule)}
-    if not runs:
-        return None
-    per_run: dict[str, list[float]] = {k: [] for k in ("server_seconds", "mib_up", "mib_down", "wall_seconds")}
-    for run in runs.values():
-        per_run["server_seconds"].append(float(np.mean([x["server_seconds"] for x in run.rounds])))
-        per_run["mib_up"].append(float(np.mean([x["bytes_up"] for x in run.rounds])) / MIB)
-        per_run["mib_down"].append(float(np.mean([x["bytes_down"] for x in run.rounds])) / MIB)
-        per_run["wall_seconds"].append(run.summary["wall_seconds"])
-    return {k: Stat.of(v) for k, v in per_run.items()}
+    return run_costs(list(runs.values())) if runs else None
+
+
+def run_costs(runs: list[Run]) -> dict[str, Stat]:
+    """Over ``runs``: each run's mean server seconds, MiB up and MiB down a round, and its wall
+    seconds."""
+    return {
+        "server_seconds": Stat.of([float(np.mean([x["server_seconds"] for x in r.rounds])) for r in runs]),
+        "mib_up": Stat.of([float(np.mean([x["bytes_up"] for x in r.rounds])) / MIB for r in runs]),
+        "mib_down": Stat.of([float(np.mean([x["bytes_down"] for x in r.rounds])) / MIB for r in runs]),
+        "wall_seconds": Stat.of([r.summary["wall_seconds"] for r in runs]),
+    }
 
 
 def curve(res: Results, task: str, setting: str, rule: str, metric: str) -> tuple[list[int], list[Stat]]:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glora.experiments.sweep_results import Results, load_results
-
-REFERENCES = frozenset({"centralized", "local"})
+from glora.experiments.sweep_results import REFERENCES, Results, load_results
 
 
 def tuned_lrs(res: Results) -> dict[str, float]:
