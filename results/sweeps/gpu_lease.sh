@@ -4,10 +4,10 @@
 #   1. a smoke sweep on the GPU (stops here, early, if anything is wrong);
 #   2. the lr-tuning preset (held-out slice of the training data) on SST-2 and CoLA, and the
 #      default-tuning preset (glora run's defaults, issue 4);
-#   3. the headline presets with the tuned rate per task (--lr-from), SST-2 then CoLA, seed 0
-#      of every setting first, then seeds 1 and 2, then the controls (setting 4, larger-backbone,
-#      before all of them when MPNet's parts have arrived, below); PARALLEL sweep processes share
-#      each results folder (a run is claimed by one of them), until DEADLINE seconds.
+#   3. the headline presets' CoLA runs with the tuned rate per task (--lr-from), whole
+#      three-seed tables first, then the controls (setting 4, larger-backbone, before all of
+#      them when MPNet's parts have arrived, below); PARALLEL sweep processes share each
+#      results folder (a run is claimed by one of them), until DEADLINE seconds.
 # Everything lands in $OUT/sweeps.tar.gz (run folders without checkpoints, logs).
 # To continue the committed sweeps on a later lease rather than start afresh:
 #   TUNE=0 CONTINUE_FROM=results/sweeps bash results/sweeps/gpu_lease.sh
@@ -121,15 +121,12 @@ else
 fi
 export LR_FROM
 
-# 3. the headline settings with that rate
-# SST-2 before CoLA: at these budgets every federated rule sits at MCC 0 on CoLA
-# (results/cola-probes), so SST-2's three seeds come first, seed by seed (seeds 1 and 2
-# before seed 0's leftovers: a column with three seeds is worth more than a wider seed 0);
-# then CoLA. (SST-2's settings 1-3 are complete in results/sweeps since session 11.)
-chain='for s in 1 2 0; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
-  glora sweep $p --results $R/$p --seeds $s --only-tasks sst2 $LR_FROM --threads 1 --no-progress; done; done
-  for s in 0 1 2; do for p in data-heterogeneity resource-heterogeneity sparse-participation; do
-  glora sweep $p --results $R/$p --seeds $s --only-tasks cola $LR_FROM --threads 1 --no-progress; done; done
+# 3. the headline settings with that rate: CoLA's, SST-2's being complete since session 11.
+# Ordered to finish whole three-seed tables first: setting 2's seeds 1-2 (26 runs), then
+# setting 3 (35), then setting 1's seeds 1-2 (90), then the controls.
+chain='for s in 1 2; do glora sweep resource-heterogeneity --results $R/resource-heterogeneity --seeds $s --only-tasks cola $LR_FROM --threads 1 --no-progress; done
+  for s in 0 1 2; do glora sweep sparse-participation --results $R/sparse-participation --seeds $s --only-tasks cola $LR_FROM --threads 1 --no-progress; done
+  for s in 1 2; do glora sweep data-heterogeneity --results $R/data-heterogeneity --seeds $s --only-tasks cola $LR_FROM --threads 1 --no-progress; done
   glora sweep controls --results $R/controls $LR_FROM --threads 1 --no-progress'
 # MPNet's 14 runs first when it has arrived: each of the PARALLEL processes claims one of them,
 # the rest go on to the chain above.
