@@ -109,3 +109,16 @@ def test_bad_iid_arguments():
         iid_partition(3, 5, seed=0)
     with pytest.raises(ValueError, match="num_clients must be a positive integer"):
         iid_partition(3, 0, seed=0)
+
+
+def test_the_retry_cap_decides_whether_a_split_is_found_never_which():
+    # CoLA's class counts (2,528 / 6,023): success depends only on the counts, and at 50
+    # clients, alpha 0.5 and 20 each seed 2's first valid draw is the 1,545th
+    y = np.repeat(np.array([0, 1]), [2528, 6023])
+    with pytest.raises(ValueError, match="no Dirichlet split in 1000 draws"):
+        dirichlet_partition(y, 50, 0.5, seed=2, min_size=20, max_retries=1000)
+    parts = dirichlet_partition(y, 50, 0.5, seed=2, min_size=20)
+    assert min(len(p) for p in parts) >= 20
+    found = dirichlet_partition(y, 50, 0.5, seed=1, min_size=20, max_retries=200)
+    again = dirichlet_partition(y, 50, 0.5, seed=1, min_size=20)
+    assert all(np.array_equal(a, b) for a, b in zip(found, again, strict=True))

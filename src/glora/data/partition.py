@@ -81,12 +81,16 @@ def dirichlet_partition(
     alpha: float,
     seed: int,
     min_size: int = 10,
-    max_retries: int = 1000,
+    max_retries: int = 10_000,
 ) -> list[np.ndarray]:
     """Label-skewed split of range(len(labels)): smaller alpha, more skew.
 
     Float labels (regression) are bucketed with :func:`label_buckets` first. Raises
     ValueError when no draw in ``max_retries`` gives every client ``min_size`` examples.
+    The first draw that does is returned, so ``max_retries`` decides only whether a seed
+    finds a split, never which one. 10,000 rather than 1,000: CoLA's 8,551 examples over
+    50 clients at alpha 0.5 and 20 each (setting 3) take 775, 170 and 1,545 draws for seeds
+    0, 1 and 2, about 1.4 ms a draw.
     """
     y = label_buckets(labels)
     n = len(y)
