@@ -58,21 +58,27 @@ def label_buckets(labels: LabelsLike, num_buckets: int = 5) -> np.ndarray:
     return np.minimum(((y - lo) / (hi - lo) * num_buckets).astype(np.int64), num_buckets - 1)
 
 
-def _dirichlet_draw(y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[list[int]] | None:
-    """One draw of the scheme; None when the mass of a class fell only on full clients."""
+def _dirichlet_draw(
+    y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[np.ndarray]] | None:
+    """One draw of the scheme: each client's chunks, one per class; None when the mass of a
+    class fell only on full clients. Only chunk views are cut here, so a draw the caller
+    rejects for its sizes costs no copying."""
     n = len(y)
-    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    sizes = np.zeros(num_clients, dtype=np.int64)
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for k in np.unique(y):
         idx = np.flatnonzero(y == k)
         rng.shuffle(idx)
         p = rng.dirichlet(np.full(num_clients, alpha))
-        p = p * np.array([len(part) < n / num_clients for part in parts])
+        p = p * (sizes < n / num_clients)
         if p.sum() <= 0:
             return None
         cuts = (np.cumsum(p / p.sum()) * len(idx)).astype(np.int64)[:-1]
-        for part, chunk in zip(parts, np.split(idx, cuts), strict=True):
-            part.extend(chunk.tolist())
-    return parts
+        for client, chunk in enumerate(np.split(idx, cuts)):
+            chunks[client].append(chunk)
+            sizes[client] += len(chunk)
+    return chunks
 
 
 def dirichlet_partition(
@@ -106,9 +112,9 @@ def dirichlet_partition(
         )
     rng = np.random.default_rng(seed)
     for _ in range(max_retries):
-        parts = _dirichlet_draw(y, num_clients, alpha, rng)
-        if parts is not None and min(len(part) for part in parts) >= min_size:
-            return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
+        chunks = _dirichlet_draw(y, num_clients, alpha, rng)
+        if chunks is not None and min(sum(map(len, c)) for c in chunks) >= min_size:
+            return [np.sort(np.concatenate(c)).astype(np.int64) for c in chunks]
     raise ValueError(
         f"no Dirichlet split in {max_retries} draws gave each of {num_clients} clients at least {min_size} of "
         f"{n} examples (alpha={alpha}); raise alpha, lower min_size, or use fewer clients"
