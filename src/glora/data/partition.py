@@ -59,16 +59,17 @@ def label_buckets(labels: LabelsLike, num_buckets: int = 5) -> np.ndarray:
 
 
 def _dirichlet_draw(
-    y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[list[np.ndarray]] | None:
-    """One draw of the scheme: each client's chunks, one per class; None when the mass of a
-    class fell only on full clients. Only chunk views are cut here, so a draw the caller
-    rejects for its sizes costs no copying."""
-    n = len(y)
+    by_class: Sequence[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator
+) -> tuple[list[list[np.ndarray]], np.ndarray] | None:
+    """One draw of the scheme over ``by_class`` (each class's example indices, ascending):
+    each client's chunks, one per class, and the clients' sizes, shape (num_clients,); None
+    when the mass of a class fell only on full clients. Only chunk views are cut here, so a
+    draw the caller rejects for its sizes costs no copying."""
+    n = sum(len(members) for members in by_class)
     sizes = np.zeros(num_clients, dtype=np.int64)
     chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for k in np.unique(y):
-        idx = np.flatnonzero(y == k)
+    for members in by_class:
+        idx = members.copy()
         rng.shuffle(idx)
         p = rng.dirichlet(np.full(num_clients, alpha))
         p = p * (sizes < n / num_clients)
@@ -78,7 +79,7 @@ def _dirichlet_draw(
         for client, chunk in enumerate(np.split(idx, cuts)):
             chunks[client].append(chunk)
             sizes[client] += len(chunk)
-    return chunks
+    return chunks, sizes
 
 
 def dirichlet_partition(
@@ -96,7 +97,7 @@ def dirichlet_partition(
     The first draw that does is returned, so ``max_retries`` decides only whether a seed
     finds a split, never which one. 10,000 rather than 1,000: CoLA's 8,551 examples over
     50 clients at alpha 0.5 and 20 each (setting 3) take 775, 170 and 1,545 draws for seeds
-    0, 1 and 2, about 1.4 ms a draw.
+    0, 1 and 2, about 0.45 ms a draw.
     """
     y = label_buckets(labels)
     n = len(y)
@@ -110,11 +111,12 @@ def dirichlet_partition(
             f"{num_clients} clients with at least min_size={min_size} examples each need {min_size * num_clients} "
             f"examples, but there are {n}; lower min_size or use fewer clients"
         )
+    by_class = [np.flatnonzero(y == k) for k in np.unique(y)]
     rng = np.random.default_rng(seed)
     for _ in range(max_retries):
-        chunks = _dirichlet_draw(y, num_clients, alpha, rng)
-        if chunks is not None and min(sum(map(len, c)) for c in chunks) >= min_size:
-            return [np.sort(np.concatenate(c)).astype(np.int64) for c in chunks]
+        draw = _dirichlet_draw(by_class, num_clients, alpha, rng)
+        if draw is not None and draw[1].min() >= min_size:
+            return [np.sort(np.concatenate(c)).astype(np.int64) for c in draw[0]]
     raise ValueError(
         f"no Dirichlet split in {max_retries} draws gave each of {num_clients} clients at least {min_size} of "
         f"{n} examples (alpha={alpha}); raise alpha, lower min_size, or use fewer clients"
