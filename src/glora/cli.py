@@ -148,6 +148,12 @@ def run(
         False, "--random-gauge", help="Control: clients re-gauge their factors randomly before upload."
     ),
     rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scale lora_alpha / sqrt(r)."),
+    record_updates: bool = typer.Option(
+        False,
+        "--record-updates",
+        help="Store every round's client updates under OUT/updates/ for `glora replay` (not part of the "
+        "run's identity).",
+    ),
     target_modules: str | None = typer.Option(
         None,
         help=f"Comma-separated module names to adapt, or all-linear. [default: {','.join(_D.target_modules)}; "
@@ -252,7 +258,12 @@ def run(
         "superni_max_target_length": superni_max_target_length,
         "superni_max_new_tokens": superni_max_new_tokens,
     }
-    flags = {"random_gauge": random_gauge, "rslora": rslora, "superni_by_category": superni_by_category}
+    flags = {
+        "random_gauge": random_gauge,
+        "rslora": rslora,
+        "superni_by_category": superni_by_category,
+        "record_updates": record_updates,
+    }
     try:
         if superni_eval_tasks is not None:
             given["superni_eval_tasks"] = _count_or_all("--superni-eval-tasks", superni_eval_tasks)

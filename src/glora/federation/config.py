@@ -23,6 +23,10 @@ RANK_DISTRIBUTIONS: dict[str, tuple[tuple[int, float], ...]] = {
 _ADDED_FIELDS: dict[str, Any] = {"logit_adjustment": 0.0, "pooling": "cls", "head_lr_ratio": 1.0}
 
 
+# Fields that say where and how a run is computed or what it keeps, never what it computes.
+_NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates")
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run. Its identity is the hash of these values."""
@@ -75,6 +79,10 @@ class RunConfig:
     device: str = "auto"  # "auto": CUDA when available, else the CPU; or any torch device name
     data_dir: str | None = None
     data_source: str = "local"  # or "hub"
+    # Store every round's client updates (factors, weights, heads) under updates/ in the run
+    # folder, for `glora replay`: other rules aggregated on identical inputs. Not part of a
+    # run's identity (it changes what is kept, not what is computed).
+    record_updates: bool = False
     # SuperNI (task "superni"; TASK_DEFAULTS gives its values of the fields above).
     superni_tasks_per_client: int = 1  # distinct training tasks per client (1: FlexLoRA's protocol)
     superni_by_category: bool = False  # each client holds every training task of one category
@@ -107,7 +115,7 @@ class RunConfig:
         payload = {
             k: v
             for k, v in self.to_dict().items()
-            if k not in ("threads", "device", "data_dir") and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])
+            if k not in _NOT_IDENTITY and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 

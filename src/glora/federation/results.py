@@ -17,13 +17,14 @@ import torch
 
 import glora
 
-CONFIG, META, METRICS, CHECKPOINT, SUMMARY, ADAPTER = (
+CONFIG, META, METRICS, CHECKPOINT, SUMMARY, ADAPTER, UPDATES = (
     "config.json",
     "meta.json",
     "metrics.jsonl",
     "checkpoint.pt",
     "summary.json",
     "adapter",
+    "updates",  # --record-updates: one file a round, updates/round-NNN.pt
 )
 
 
@@ -154,6 +155,37 @@ class RunStore:
         p = self.path(CHECKPOINT)
         # Our own file: LayerState objects are pickled dataclasses of tensors.
         return torch.load(p, weights_only=False) if p.exists() else None
+
+    def save_updates(self, server_round: int, record: dict[str, Any]) -> None:
+        """Store one round's client updates (``--record-updates``), atomically."""
+        path = self.path(UPDATES) / f"round-{server_round:03d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        try:
+            torch.save(record, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def recorded_rounds(self) -> list[int]:
+        """The rounds whose client updates are stored, in order."""
+        folder = self.path(UPDATES)
+        return sorted(int(p.stem.removeprefix("round-")) for p in folder.glob("round-*.pt")) if folder.is_dir() else []
+
+    def load_updates(self, server_round: int) -> dict[str, Any]:
+        """One round's stored client updates (see :meth:`save_updates`)."""
+        path = self.path(UPDATES) / f"round-{server_round:03d}.pt"
+        if not path.exists():
+            raise ValueError(f"{path} does not exist: the run recorded rounds {self.recorded_rounds() or 'none'}")
+        return torch.load(path, weights_only=True)
+
+    def truncate_updates(self, last_round: int) -> None:
+        """Drop the recorded updates of rounds after ``last_round`` (a resumed run repeats them)."""
+        for t in self.recorded_rounds():
+            if t > last_round:
+                (self.path(UPDATES) / f"round-{t:03d}.pt").unlink()
 
     def finish(self, summary: dict[str, Any]) -> None:
         write_json(self.path(SUMMARY), summary)

@@ -285,6 +285,26 @@ def aggregate_round(
     }
 
 
+def update_record(
+    st: ServerState, server_round: int, clients: list[int], updates: list[ClientUpdate], weights: list[float]
+) -> dict[str, Any]:
+    """What ``--record-updates`` stores of a round, in plain tensors (loadable with
+    ``weights_only``): the sampled clients, their weights, each layer's factors (B, A, scale
+    per client), heads and losses, and what had been merged into the base weights before the
+    round (None: nothing), so a replay can rebuild the model the clients trained on."""
+    return {
+        "round": server_round,
+        "clients": clients,
+        "weights": weights,
+        "factors": {
+            n: [(u.factors[n].B, u.factors[n].A, u.factors[n].scale) for u in updates] for n in updates[0].factors
+        },
+        "heads": [u.head for u in updates],
+        "losses": [u.loss for u in updates],
+        "base_offsets": st.base_offsets,
+    }
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -333,7 +353,10 @@ class Federation:
 
     # -- one round --------------------------------------------------------------------------------
     def _round(self, st: ServerState, t: int, bar) -> dict[str, Any]:
-        return aggregate_round(self.rule, st, t, *self.client_updates(st, t, bar))
+        clients, updates, weights, bytes_down = self.client_updates(st, t, bar)
+        if self.cfg.record_updates:
+            self.store.save_updates(t, update_record(st, t, clients, updates, weights))
+        return aggregate_round(self.rule, st, t, clients, updates, weights, bytes_down)
 
     def client_updates(
         self, st: ServerState, t: int, bar=None
@@ -435,6 +458,7 @@ class Federation:
             if st.base_offsets is not None:
                 self.model.set_base_offsets(st.base_offsets)
             store.truncate_metrics(st.round)
+            store.truncate_updates(st.round)
             store.note_resume(st.round, command=command, device=device_kind(cfg.device))
             self.console.print(f"[bold]resuming[/bold] {store.folder} after round {st.round}")
         else:
@@ -442,6 +466,7 @@ class Federation:
             # and from which code this start was made, not an earlier start's machine.
             store.start(cfg.to_dict(), cfg.identity(), command=command, device=device_kind(cfg.device))
             store.truncate_metrics(0)
+            store.truncate_updates(0)
         self.started = time.perf_counter() - st.elapsed
         return st
 
