@@ -149,11 +149,13 @@ def test_hetlora_data_weighted_option_multiplies_in_example_counts():
     assert torch.allclose(p, torch.tensor([5.0, 10.0, 8.0], dtype=torch.float64) / 23)
 
 
-def test_hetlora_exposes_self_pruning_for_the_training_loop():
-    rule = get_rule("hetlora", prune_gamma=0.01, prune_ratio=0.75)
-    assert (rule.prune_gamma, rule.prune_ratio) == (0.01, 0.75)
-    with pytest.raises(ValueError, match="prune_ratio must be in"):
-        get_rule("hetlora", prune_ratio=0.0)
+def test_hetlora_self_pruning_is_a_client_step_that_leaves_the_server_step_alone():
+    # Self-pruning (tests/test_hetlora_pruning.py) changes what clients upload, not how the server
+    # aggregates it: a rule with pruning on aggregates the same uploads to the same state.
+    ups = hetlora_example()
+    plain = get_rule("hetlora").aggregate(ups, [1.0, 2.0, 3.0])
+    pruning = get_rule("hetlora", prune_gamma=0.01, prune_ratio=0.75).aggregate(ups, [1.0, 2.0, 3.0])
+    assert torch.equal(plain.adapter.B, pruning.adapter.B) and torch.equal(plain.adapter.A, pruning.adapter.A)
 
 
 # fedex-lora
@@ -238,18 +240,59 @@ def test_florist_with_full_threshold_is_the_exact_mean_and_restarts(unequal):
     assert torch.count_nonzero(state.readout(4, 2.0).B) == 0  # a fresh adapter
 
 
-@pytest.mark.parametrize(("threshold", "energy"), [(0.9, "squared"), (0.5, "squared"), (0.8, "linear")])
-def test_florist_keeps_the_smallest_rank_holding_the_threshold_energy(unequal, threshold, energy):
+@pytest.mark.parametrize("threshold", [0.9, 0.5])
+def test_florist_keeps_the_smallest_rank_holding_the_threshold_energy(unequal, threshold):
     ups, w = unequal
-    state = get_rule("florist", threshold=threshold, energy=energy).aggregate(ups, w)
+    state = get_rule("florist", threshold=threshold).aggregate(ups, w)
     S = torch.linalg.svdvals(weighted_mean(ups, w))[:17]
-    e = S**2 if energy == "squared" else S
+    e = S**2
     frac = torch.cumsum(e, 0) / e.sum()
     p = int((frac < threshold).sum()) + 1  # first index where the kept fraction reaches the threshold
     assert state.rank == p < 17
     assert torch.allclose(state.lam, S[:p], rtol=1e-10)
     U, _, Vh = torch.linalg.svd(weighted_mean(ups, w))
     assert rel_err(state.delta(), (U[:, :p] * S[:p]) @ Vh[:p]) < 1e-10
+
+
+def authors_kept_rank(sig, threshold):
+    """The kept rank as the authors' code computes it (github.com/Anonymous-user-00/FLoRIST,
+    fed_utils/model_aggregation.py): the first index where the cumulative energy of the
+    squared singular values reaches the threshold, plus one."""
+    cumulative_energy = torch.cumsum(sig**2, dim=0) / torch.sum(sig**2)
+    return int((cumulative_energy >= threshold).nonzero().min()) + 1
+
+
+@pytest.mark.parametrize(("threshold", "by_sigma_squared", "by_sigma"), [(0.75, 2, 3), (0.88, 3, 4)])
+def test_florist_kept_rank_follows_the_energy_of_squared_singular_values(threshold, by_sigma_squared, by_sigma):
+    # Two clients (ranks 2 and 3, unequal weights and scales) whose weighted mean update is
+    # U diag(4, 3, 2, 1.5, 1) V^T on a non-square layer. Kept fractions of sum sig^2:
+    # 0.50, 0.78, 0.90, 0.97, 1; of sum sig: 0.35, 0.61, 0.78, 0.91, 1. The two definitions of
+    # energy keep different ranks at these thresholds; the paper's code uses sig^2.
+    g = torch.Generator().manual_seed(4)
+    U, _ = torch.linalg.qr(torch.randn(37, 5, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(23, 5, generator=g, dtype=torch.float64))
+    sig = torch.tensor([4.0, 3.0, 2.0, 1.5, 1.0], dtype=torch.float64)
+    w, s = [0.25, 0.75], [2.0, 4.0]
+    ups = [
+        LowRank(U[:, :2], (sig[:2, None] * V[:, :2].T) / (w[0] * s[0]), s[0]),
+        LowRank(U[:, 2:], (sig[2:, None] * V[:, 2:].T) / (w[1] * s[1]), s[1]),
+    ]
+    assert rel_err(weighted_mean(ups, w), (U * sig) @ V.T) < 1e-14
+    linear = int((torch.cumsum(sig, 0) / sig.sum() < threshold).sum()) + 1
+    assert (authors_kept_rank(sig, threshold), linear) == (by_sigma_squared, by_sigma)
+    state = get_rule("florist", threshold=threshold).aggregate(ups, w)
+    assert state.rank == energy_rank(sig, threshold) == by_sigma_squared
+    assert torch.allclose(state.lam, sig[:by_sigma_squared], rtol=1e-12)
+    # What every client merges before restarting from a fresh adapter: the kept components.
+    kept = (U[:, :by_sigma_squared] * sig[:by_sigma_squared]) @ V[:, :by_sigma_squared].T
+    assert rel_err(state.merge().delta(), kept) < 1e-12
+    assert torch.count_nonzero(state.readout(4, 2.0).B) == 0
+
+
+def test_florist_defaults_to_the_authors_threshold_and_has_no_other_energy():
+    assert get_rule("florist").threshold == 0.9
+    with pytest.raises(ValueError, match="rule 'florist': bad options"):
+        get_rule("florist", energy="linear")
 
 
 def test_energy_rank_edge_cases():

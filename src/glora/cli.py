@@ -400,6 +400,30 @@ def bench(ctx: typer.Context) -> None:
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (of `glora run` or a sweep)."),
+    merged: Path = typer.Option(..., "--merged", help="Where to write the merged full model folder."),
+) -> None:
+    """A merged full model (base + adapter + head) that transformers' AutoModel* load without
+    glora (a mean-pooled classifier with trust_remote_code=True)."""
+    from rich.console import Console
+
+    from glora.federation.results import ADAPTER, RunStore
+    from glora.models.export import merge_adapter
+
+    store = RunStore(run_dir)
+    try:
+        saved = store.config()
+        if saved is None or not store.path(ADAPTER).is_dir():
+            raise ValueError(f"{run_dir} holds no finished run (config.json and adapter/): give a run folder")
+        folder = merge_adapter(store.path(ADAPTER), saved["backbone"], merged)
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    Console().print(f"wrote {folder}")
+
+
+@app.command()
 def table(folders: list[Path] = typer.Argument(..., help="Run folders (of `glora run`).")) -> None:
     """A markdown table of individual runs: metric at each evaluated round, per rank, cost."""
     from glora.experiments.runs_table import runs_markdown

@@ -8,6 +8,9 @@ A rule has two halves:
   its frozen base weights (:meth:`LayerState.merge`: FLoRA's stacked mean, FedEx-LoRA's
   dense residual) and which adapter it starts the next round from
   (:meth:`LayerState.readout`: a fresh one for merge-and-restart rules).
+A rule may also shape local training (:meth:`Rule.local_penalty`, a term added to the
+client's loss) and let a client drop trailing rank components after it
+(:meth:`Rule.pruned_rank`); both do nothing by default (HetLoRA's rank self-pruning uses them).
 The training loop asks the rule and the state; it never branches on the rule's name.
 """
 
@@ -94,6 +97,20 @@ class Rule(ABC):
     def client_plan(self, server_round: int) -> ClientPlan:
         """What clients do in ``server_round`` (1-based). Default: train and send B and A."""
         return ClientPlan()
+
+    def local_penalty(self, factors: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
+        """A term the client adds to its training loss at every local step, or None (the
+        default: nothing). ``factors``: the live (B (d_out, k), A (k, d_in)) of every adapted
+        layer, k the client's current rank (see :meth:`pruned_rank`); the term must be
+        differentiable in them."""
+        return None
+
+    def pruned_rank(self, start: Mapping[str, LowRank], trained: Mapping[str, LowRank]) -> int:
+        """The rank a client keeps after local training, from the adapter it started the round
+        from and the one it trained (per layer, both of its current rank k). Below k, the client
+        drops its trailing components: it uploads the leading ones and starts every later
+        round from the leading ones of the readout. Default: k (nothing dropped)."""
+        return next(iter(trained.values())).rank
 
     def aggregate(
         self,
@@ -190,6 +207,27 @@ def fresh_adapter(rank: int, d_out: int, d_in: int, scale: float, seed: int, dty
     """
     g = torch.Generator().manual_seed(seed)
     return LowRank(torch.zeros(d_out, rank, dtype=dtype), lora_init_A(rank, d_in, g, dtype), scale)
+
+
+def leading(f: LowRank, k: int) -> LowRank:
+    """The first k components of ``f``: B (d_out, k), A (k, d_in); ``f`` itself when k >= its
+    rank. Copies, not views: a view would carry (and a checkpoint save) all of f's storage."""
+    if k >= f.rank:
+        return f
+    return LowRank(f.B[:, :k].clone(), f.A[:k].clone(), f.scale)
+
+
+def within_rank(f: LowRank, k: int) -> LowRank:
+    """``f`` at its own rank r with the components beyond k set to zero (B's columns and A's
+    rows): a rank-k adapter in a rank-r slot. A zero column of B gets no gradient while the
+    matching row of A is zero, and vice versa, and AdamW's decay keeps zero at zero, so local
+    training leaves them at zero."""
+    if k >= f.rank:
+        return f
+    B, A = f.B.clone(), f.A.clone()
+    B[:, k:] = 0
+    A[k:] = 0
+    return LowRank(B, A, f.scale)
 
 
 def common_scale(updates: Sequence[LowRank], weights: Tensor) -> float:

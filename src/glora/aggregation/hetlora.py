@@ -1,5 +1,6 @@
 """HetLoRA (Cho, Liu, Xu, Fahrezi, Joshi, "Heterogeneous LoRA for Federated Fine-tuning of
-On-Device Foundation Models", EMNLP 2024): zero-pad, weight by update norm, truncate.
+On-Device Foundation Models", EMNLP 2024, arXiv 2401.06432): zero-pad, weight by update norm,
+truncate; clients self-prune their rank.
 
 Server step (the paper's "sparsity-weighted aggregation"): pad every client's B_i
 (d_out, r_i) with zero columns and A_i (r_i, d_in) with zero rows to the largest rank
@@ -9,10 +10,36 @@ B = sum_i p_i pad(s_i B_i), A = sum_i p_i pad(A_i). A client of rank r gets the 
 r columns of B and rows of A. ||Delta_i||_F^2 = s_i^2 <B_i^T B_i, A_i A_i^T> comes from
 two r_i x r_i Gram matrices: no d_out x d_in matrix is formed.
 
-Where we differ from method.md or the paper, and why:
-- Weights: the paper weights by the update norms alone, not by example counts; that
-  is the default here, so the ``weights`` given to ``aggregate`` are ignored unless
-  ``data_weighted=True`` (our option: p_i proportional to w_i ||Delta_i||_F).
+Client step (the paper's "rank self-pruning"; on when ``prune_gamma`` > 0): a client whose
+current rank is k adds to its training loss
+
+    prune_gamma * sum over layers of ||B[:, j:k]||_F ||A[j:k]||_F,  j = max(1, floor(prune_ratio * k)),
+
+the size of its trailing k - j components (the paper's lambda is ``prune_gamma``, its decay
+factor gamma is ``prune_ratio``). After local training it compares that size (the sum
+without ``prune_gamma``) on its trained factors with the size on the adapter it started the
+round from: if the trailing components shrank, it drops them and its rank becomes j;
+otherwise it stays k. Its upload then has rank j (the zero padding above takes any rank),
+and the pruning lasts: every later round it starts from the leading j components of the
+readout, the rest of its rank-r peft adapter held at zero (:meth:`HetLoRA.local_penalty`,
+:meth:`HetLoRA.pruned_rank` and the training loop's generic hooks). In round 1 the start has
+B = 0, a trailing size of 0 that cannot shrink: pruning can begin in round 2.
+
+What we followed, and what we could not check:
+- Weights: the paper weights by the update norms alone, ||S_k|| / Z with S_k = B_k A_k and
+  Z their sum (its Figure 2 caption, as a third-party summary quotes it); no example counts.
+- Self-pruning: the paper's text on it could not be read from here (only its abstract and
+  summaries, which say that clients prune their own rank during local training). The penalty
+  (the product of the trailing factors' norms), the test (smaller after local training than
+  at the start), the new rank floor(gamma k) and its persistence over rounds are those of two
+  independent public reimplementations found in a code index, which agree on all four. Not
+  checked against the paper: whether its penalty is this product or ||B_tail A_tail||_F
+  (which the product bounds from above), its values of gamma and lambda (one
+  reimplementation uses gamma = 0.99, lambda = 0.01) and any floor on the rank other than 1.
+
+Where we differ from the paper, and why:
+- ``data_weighted=True`` (our option) makes p_i proportional to w_i ||Delta_i||_F; by
+  default the ``weights`` given to ``aggregate`` are ignored, as in the paper.
 - Each client's LoRA scale s_i is folded into its B before padding (the paper's
   B_k A_k has it implicitly), so clients with different scales are weighted and
   averaged by their actual updates; the global adapter carries scale 1 and a readout
@@ -20,15 +47,19 @@ Where we differ from method.md or the paper, and why:
 - When every update is zero (round 0: B = 0 everywhere) the norm weights are 0/0; the
   data weights are used instead.
 - A client whose rank exceeds r_max gets zero columns of B and fresh LoRA rows of A.
-- Rank self-pruning is a client-side regulariser (training loop), not a server step:
-  the rule carries its settings, ``prune_gamma`` (strength of the penalty on the norm
-  of the trailing rank components of the client's update; 0, the default, turns it
-  off) and ``prune_ratio`` (the fraction of its rank a client keeps when those trailing
-  components shrink), for the training loop to read.
+- The penalty is on the factors as peft stores them, without the LoRA scale s (a constant
+  that ``prune_gamma`` absorbs).
+- ``prune_gamma=0``, the default, turns self-pruning off (no penalty, no pruning): that is
+  "HetLoRA without self-pruning", the rule every run recorded before this option worked ran.
+- A pruned client's download is still counted at its full rank (the loop reads out at the
+  client's configured rank), and the Flower server refuses an upload below a node's rank
+  (``flower.records.check_update``): self-pruning runs in the simulation only.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +78,19 @@ def update_norms(updates: list[LowRank]) -> Tensor:
         sq = float(((B.T @ B) * (A @ A.T)).sum())
         norms.append(abs(u.scale) * max(sq, 0.0) ** 0.5)
     return torch.tensor(norms, dtype=torch.float64)
+
+
+def kept_components(rank: int, prune_ratio: float) -> int:
+    """j = floor(prune_ratio * rank), at least 1: the components a client of this rank keeps
+    when it prunes (the rest are its trailing ones; none when j = rank)."""
+    # The small epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
+    return max(1, math.floor(prune_ratio * rank + 1e-9))
+
+
+def tail_size(B: Tensor, A: Tensor, start: int) -> Tensor:
+    """||B[:, start:]||_F ||A[start:]||_F for B (d_out, k), A (k, d_in): the size of the
+    components from ``start`` on (0-dim, differentiable; 0 when there are none)."""
+    return torch.linalg.vector_norm(B[:, start:]) * torch.linalg.vector_norm(A[start:])
 
 
 def pad_columns(M: Tensor, width: int) -> Tensor:
@@ -96,7 +140,9 @@ class HetLoRA(Rule):
     """Zero-padding, update-norm-weighted averaging, truncation; any client ranks.
 
     data_weighted: multiply the norm weights by the example-count weights (not in the paper).
-    prune_gamma, prune_ratio: the client-side rank self-pruning settings (see module doc).
+    prune_gamma: strength of the penalty on a client's trailing rank components (the paper's
+        lambda); 0, the default, turns self-pruning off.
+    prune_ratio: the fraction of its rank a client keeps when it prunes (the paper's gamma).
     seed: seed of the fresh LoRA rows that pad a readout above the largest client rank.
     """
 
@@ -111,6 +157,23 @@ class HetLoRA(Rule):
             raise ValueError(f"hetlora: prune_ratio must be in (0, 1], got {prune_ratio}")
         self.data_weighted, self.seed = data_weighted, seed
         self.prune_gamma, self.prune_ratio = prune_gamma, prune_ratio
+
+    def local_penalty(self, factors: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
+        """prune_gamma times the size of the client's trailing components, summed over layers."""
+        if self.prune_gamma == 0:
+            return None
+        j = kept_components(int(factors[0][0].shape[1]), self.prune_ratio)
+        return self.prune_gamma * sum(tail_size(B, A, j) for B, A in factors)
+
+    def pruned_rank(self, start: Mapping[str, LowRank], trained: Mapping[str, LowRank]) -> int:
+        """j if local training shrank the trailing components (summed over layers), else k."""
+        k = next(iter(trained.values())).rank
+        if self.prune_gamma == 0:
+            return k
+        j = kept_components(k, self.prune_ratio)
+        before = sum(float(tail_size(f.B, f.A, j)) for f in start.values())
+        after = sum(float(tail_size(f.B, f.A, j)) for f in trained.values())
+        return j if after < before else k
 
     def aggregation_weights(self, updates: list[LowRank], weights: Tensor) -> Tensor:
         """The p_i of the padded average (K,) float64, summing to 1."""

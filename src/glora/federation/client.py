@@ -40,11 +40,15 @@ def local_train(
     seed: int,
     on_step: Callable[[], None] | None = None,
     logit_bias: torch.Tensor | None = None,
+    penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> list[float]:
     """Train in place; returns the loss of every step. ``seed`` fixes batches and dropout.
 
     logit_bias: (num_labels,) added to the logits inside the loss only (the logit-adjusted
     loss; predictions stay unshifted), else the model's own loss.
+    penalty: called at every step; a tensor it returns is added to the loss that is minimised
+    (a rule's regulariser, e.g. HetLoRA's), None adds nothing. The losses returned leave it
+    out, so that they stay comparable across rules.
     """
     torch.manual_seed(seed)
     groups = [{"params": list(lora_params), "lr": lr}]
@@ -65,7 +69,8 @@ def local_train(
         else:
             labels = batch.pop("labels")
             loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias, labels)
-        loss.backward()
+        extra = penalty() if penalty is not None else None
+        (loss if extra is None else loss + extra).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))

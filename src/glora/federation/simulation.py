@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from glora.aggregation import ClientPlan, LayerState, Rule, average_params, get_rule
-from glora.aggregation.base import FACTORS
+from glora.aggregation.base import FACTORS, leading, within_rank
 from glora.data import glue
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
@@ -32,7 +32,7 @@ from glora.federation.tasks import FederatedTask, GlueTask
 from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
 from glora.models.backbones import POOLINGS
 from glora.models.device import device_kind, resolve_device
-from glora.models.lora import AdaptedModel, export_adapter
+from glora.models.lora import AdaptedModel, adapter_name, export_adapter
 
 
 @dataclass
@@ -199,16 +199,29 @@ def train_client(
 ) -> ClientUpdate:
     """One client's round, wherever it runs (this process or a Flower ClientApp): start from
     the server's readout ``factors`` and ``head`` (or the client's ``own`` where the rule keeps
-    them personal), train locally with the run's seed formula, and return the update."""
+    them personal), train locally with the run's seed formula and the rule's penalty, keep the
+    rank the rule lets it keep, and return the update.
+
+    A client that dropped trailing components in an earlier round (:meth:`Rule.pruned_rank`)
+    holds its own factors at that smaller rank k: it uses the readout's leading k components
+    (the rest of its rank-r adapter stays zero) and uploads at most k."""
     plan = rule.client_plan(server_round)
     r = next(iter(factors.values())).rank
+    k = next(iter(own["factors"].values())).rank if own is not None else r
     if own is not None:
         factors = {n: _keep_personal(f, own["factors"][n], plan.personal) for n, f in factors.items()}
         if not plan.share_head:
             head = own["head"]
-    model.set_factors(r, factors)
+    start = {n: within_rank(f, k) for n, f in factors.items()}
+    model.set_factors(r, start)
     model.set_head(r, head)
     params = model.activate(r, plan.train)
+    adapter = adapter_name(r)
+
+    def penalty() -> torch.Tensor | None:
+        live = [(m.lora_B[adapter].weight[:, :k], m.lora_A[adapter].weight[:k]) for m in model.layers.values()]
+        return rule.local_penalty(live)
+
     loss = local_train(
         model.peft,
         params,
@@ -223,13 +236,17 @@ def train_client(
         seed=cfg.seed * 1_000_003 + server_round * 1009 + client,
         on_step=on_step,
         logit_bias=cfg.logit_adjustment * task.log_label_prior(indices) if cfg.logit_adjustment else None,
+        penalty=penalty,
     )
-    trained = model.get_factors(r)
+    trained = {n: leading(f, k) for n, f in model.get_factors(r).items()}
+    kept_rank = rule.pruned_rank({n: leading(f, k) for n, f in start.items()}, trained)
+    trained = {n: leading(f, kept_rank) for n, f in trained.items()}
     new_head = model.get_head(r)
-    kept = {"factors": trained, "head": new_head, "rank": r} if plan.personal or not plan.share_head else None
+    keep = plan.personal or not plan.share_head or kept_rank < r
+    kept = {"factors": trained, "head": new_head, "rank": r} if keep else None
     if cfg.random_gauge:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + server_round * 31 + client)
-        G = random_gauge_matrix(r, g).float()
+        G = random_gauge_matrix(kept_rank, g).float()
         trained = {n: f.gauge(G) for n, f in trained.items()}
     return ClientUpdate(trained, new_head, float(np.mean(loss)), kept)
 
@@ -564,7 +581,9 @@ class Federation:
         for n, shape in self.model.layer_shapes().items():
             d = st.layers[n].delta().float() if st.layers else torch.zeros(shape)  # no layers: no round ran
             totals[n] = d if st.base_offsets is None else d + st.base_offsets[n]
-        export_adapter(self.store.path(ADAPTER), self.task.fresh_model(), totals, st.head, self.task.lora)
+        export_adapter(
+            self.store.path(ADAPTER), self.task.fresh_model(), totals, st.head, self.task.lora, self.task.export_info
+        )
 
     def _summary(self, st: ServerState) -> dict[str, Any]:
         rows = self.store.metrics()

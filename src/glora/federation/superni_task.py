@@ -30,6 +30,7 @@ from glora.data.superni_prompts import (
 )
 from glora.federation.config import RunConfig
 from glora.models.causal import load_causal_lm, resolve_causal_lm
+from glora.models.export import ExportInfo, hub_id
 from glora.models.generate import generate
 from glora.models.lora import LoraSettings
 
@@ -197,6 +198,10 @@ class SuperNITask:
 
     def fresh_model(self) -> nn.Module:
         return load_causal_lm(self.backbone_path)[0]
+
+    @property
+    def export_info(self) -> ExportInfo:
+        return ExportInfo(hub_id(self.cfg.backbone), "CAUSAL_LM")
 
     def _scores(self, items: Sequence[EncodedInstance], predictions: Sequence[str]):
         preds: dict[str, list[str]] = {}

@@ -14,8 +14,9 @@ from glora.data import glue
 from glora.data.metrics import compute_metrics
 from glora.data.partition import dirichlet_partition, iid_partition, label_buckets
 from glora.federation.config import RunConfig
-from glora.models.backbones import load_classifier, resolve_backbone
+from glora.models.backbones import encoder_config, load_classifier, resolve_backbone
 from glora.models.device import to_device
+from glora.models.export import ExportInfo, hub_id
 from glora.models.lora import LoraSettings
 
 
@@ -43,6 +44,10 @@ class FederatedTask(Protocol):
 
     def fresh_model(self) -> nn.Module:
         """A new instance of the pretrained backbone (with its initial head), for export."""
+
+    @property
+    def export_info(self) -> ExportInfo:
+        """What the exported adapter says of its base model, task type and labels."""
 
 
 class GlueTask:
@@ -87,7 +92,7 @@ class GlueTask:
         self.segments = (
             self.spec.is_pair
             and "token_type_ids" in self.tokenizer.model_input_names
-            and getattr(self.model.config, "type_vocab_size", 1) > 1
+            and getattr(encoder_config(self.model), "type_vocab_size", 1) > 1
         )
         self.lora = LoraSettings(
             target_modules=tuple(cfg.target_modules),
@@ -125,6 +130,11 @@ class GlueTask:
         """Laplace-smoothed (add one), so a class the client never saw has a finite log prior."""
         counts = torch.bincount(self.train.labels[torch.as_tensor(indices)], minlength=self.spec.num_labels)
         return torch.log((counts.double() + 1) / (counts.sum() + self.spec.num_labels)).float()
+
+    @property
+    def export_info(self) -> ExportInfo:
+        labels = dict(enumerate(self.spec.label_names)) if self.spec.label_names else None
+        return ExportInfo(hub_id(self.cfg.backbone), "SEQ_CLS", self.spec.num_labels, labels)
 
     def fresh_model(self) -> nn.Module:
         return load_classifier(self.backbone_path, self.spec.num_labels, seed=self.cfg.seed, pooling=self.cfg.pooling)[

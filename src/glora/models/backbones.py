@@ -94,6 +94,14 @@ def resolve_backbone(name: str) -> str:
     return resolve_model(name, {"minilm": minilm_folder, "mpnet": mpnet_folder}, "backbone")
 
 
+def encoder_config(model):
+    """The config of a classifier's encoder: a mean-pooled classifier's ``encoder``, or a
+    transformers classifier's own config (which is its encoder's)."""
+    from glora.models.mean_pooled import MeanPooledClassifier
+
+    return model.encoder.config if isinstance(model, MeanPooledClassifier) else model.config
+
+
 def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "cls"):
     """(model, tokenizer) for sequence classification; the new head is initialised from ``seed``.
 
@@ -113,9 +121,12 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "c
     if pooling == "mean":
         from transformers import AutoModel
 
-        from glora.models.mean_pooled import MeanPooledClassifier
+        from glora.models.mean_pooled import MeanPooledClassifier, MeanPooledConfig, new_head
 
-        model = MeanPooledClassifier(AutoModel.from_pretrained(path), num_labels).eval()  # as from_pretrained returns
+        encoder = AutoModel.from_pretrained(path)
+        head = new_head(encoder.config, num_labels)  # drawn right after the encoder loads, as every run so far
+        config = MeanPooledConfig(backbone=encoder.config.to_dict(), num_labels=num_labels)
+        model = MeanPooledClassifier(config, encoder=encoder, classifier=head).eval()  # as from_pretrained returns
     else:
         problem = "regression" if num_labels == 1 else "single_label_classification"
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem)

@@ -23,6 +23,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from glora.lowrank import LowRank, numerical_rank
+from glora.models.export import ExportInfo, describe_adapter
 
 
 @dataclass(frozen=True)
@@ -228,10 +229,13 @@ def export_adapter(
     updates: Mapping[str, Tensor],
     head: Mapping[str, Tensor],
     settings: LoraSettings,
+    info: ExportInfo | None = None,
 ) -> int:
     """Save a total update per layer (dense, relative to the pretrained weights of the fresh
     ``model``) and the head as one peft adapter folder that ``PeftModel.from_pretrained``
-    loads. Its rank is the largest numerical rank of the updates, so the adapter reproduces
+    loads; with ``info``, one that peft and transformers load without glora
+    (:mod:`glora.models.export`: hub id of the base, task type, labels, the head's
+    code). Its rank is the largest numerical rank of the updates, so the adapter reproduces
     them up to float32 round-off. Returns that rank. A layer narrower than that rank (a
     grouped-query v_proj beside a full-width q_proj) gets zero columns of B and rows of A
     beyond its width, which add nothing to its update."""
@@ -253,6 +257,9 @@ def export_adapter(
         adapted.peft.save_pretrained(tmp, selected_adapters=[adapter_name(rank)])
         # peft writes a non-default adapter into a subfolder named after it.
         saved = Path(tmp) / adapter_name(rank)
+        saved = saved if saved.is_dir() else Path(tmp)
+        if info is not None:
+            describe_adapter(saved, model, adapted.layers, info)
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(saved if saved.is_dir() else Path(tmp), folder)
+        os.replace(saved, folder)
     return rank
