@@ -424,6 +424,40 @@ def export(
 
 
 @app.command()
+def replay(
+    results_dir: Path = typer.Argument(
+        ..., help="A sweep folder whose runs recorded their updates (--record-updates)."
+    ),
+    out: Path = typer.Option(..., help="Folder for rows.jsonl (one row per run, round, candidate) and report.md."),
+    rounds: str = typer.Option("3,6", help="Recorded rounds to replay, comma-separated."),
+    max_eval_examples: int | None = typer.Option(
+        None, help="Score on the first N examples of each run's evaluation split. [default: all]"
+    ),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    title: str = typer.Option("Replayed server steps", help="Title of report.md."),
+) -> None:
+    """Replay every server rule and GLoRA variant on the same recorded client updates: distance
+    to the exact mean, the global model's loss and metric, cost. Run folders are only read; rows
+    append to OUT/rows.jsonl, so an interrupted replay continues."""
+    from rich.console import Console
+
+    from glora.experiments.replay import read_rows, replay_sweep, report_markdown
+
+    try:
+        rows_file = out / "rows.jsonl"
+        written = replay_sweep(
+            results_dir, rows_file, _csv(rounds, int), max_eval_examples=max_eval_examples, threads=threads
+        )
+        if not rows_file.exists():
+            raise ValueError(f"{results_dir} has no finished run to replay yet")
+        (out / "report.md").write_text(report_markdown(read_rows(rows_file), title))
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    Console().print(f"{written} rows added to {rows_file}; report: {out / 'report.md'}")
+
+
+@app.command()
 def table(folders: list[Path] = typer.Argument(..., help="Run folders (of `glora run`).")) -> None:
     """A markdown table of individual runs: metric at each evaluated round, per rank, cost."""
     from glora.experiments.runs_table import runs_markdown

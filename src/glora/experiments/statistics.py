@@ -22,6 +22,16 @@ class Stat:
     mean: float
     std: float | None
 
+    def interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        """The t-interval of the mean at ``level`` (n - 1 degrees of freedom); None for n < 2.
+        Of paired differences, the usual paired comparison: an interval holding 0 is a tie."""
+        if self.std is None:
+            return None
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.5 + level / 2, self.n - 1)) * self.std / self.n**0.5
+        return self.mean - half, self.mean + half
+
     @classmethod
     def of(cls, values: list[float]) -> Stat:
         arr = np.asarray(values, dtype=np.float64)
