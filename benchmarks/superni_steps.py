@@ -23,8 +23,8 @@ import torch
 
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
-from glora.federation.superni_task import SuperNITask
 from glora.models.lora import AdaptedModel
+from glora.tasks.superni import SuperNITask
 
 HELD = 16
 CLIENTS = (0, 3, 7)

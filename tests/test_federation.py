@@ -202,7 +202,7 @@ def test_reference_rules_run(tmp_path, rule):
 
 
 def test_sentence_pairs_get_the_tokenizers_segment_ids():
-    from glora.federation.tasks import GlueTask
+    from glora.tasks.glue import GlueTask
 
     task = GlueTask(SMALL.replace(task="mrpc", max_train_examples=40, max_eval_examples=10, alpha=None))
     assert task.segments

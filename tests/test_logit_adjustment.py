@@ -14,7 +14,7 @@ from torch import nn
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
 from glora.federation.simulation import check_config
-from glora.federation.tasks import GlueTask
+from glora.tasks.glue import GlueTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

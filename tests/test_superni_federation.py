@@ -11,8 +11,8 @@ import torch
 from glora.data.superni import SuperNI
 from glora.federation.config import RunConfig
 from glora.federation.simulation import Federation, check_config
-from glora.federation.superni_task import SuperNITask, task_lists
 from glora.models.lora import LoraSettings
+from glora.tasks.superni import SuperNITask, task_lists
 
 # 2 clients with one training task each, 1 round of 2 steps, then 2 unseen tasks x 3
 # instances and 1 held-out instance of each client task: every path, at minimal cost.

@@ -76,7 +76,7 @@ cat "$R/logs/smoke.log"
 [ "$(ls "$R"/smoke/*/summary.json 2>/dev/null | wc -l)" = 2 ] || { finish; exit 1; }
 $PY -c "
 from glora.federation.config import RunConfig
-from glora.federation.tasks import GlueTask
+from glora.tasks.glue import GlueTask
 for task in ('sst2', 'cola'):
     for split in ('validation', 'heldout'):
         GlueTask(RunConfig.for_task(task, eval_split=split, threads=1))

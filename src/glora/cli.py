@@ -8,10 +8,11 @@ from typing import Any
 
 import typer
 
-from glora.federation.config import RANK_DISTRIBUTIONS, TASK_DEFAULTS, RunConfig
+from glora.federation.config import RANK_DISTRIBUTIONS, RunConfig
+from glora.tasks.superni import SUPERNI_DEFAULTS
 
 _D = RunConfig()
-_S = TASK_DEFAULTS["superni"]
+_S = SUPERNI_DEFAULTS
 
 app = typer.Typer(
     add_completion=False,
@@ -172,6 +173,65 @@ def run(
     hub: bool = typer.Option(
         False, "--hub", help="Load the data from the Hugging Face hub (online) instead of --data-dir."
     ),
+    dataset: str | None = typer.Option(
+        None,
+        help="Your own data: a .csv/.tsv/.json/.jsonl/.parquet file (gzip allowed), a folder with train.* and "
+        "validation.* (or test.*), or a hub id. Sets --task to classification, or instructions when "
+        "--response-column is given.",
+        rich_help_panel="Your own data",
+    ),
+    dataset_config: str | None = typer.Option(
+        None, help="A hub dataset's configuration name.", rich_help_panel="Your own data"
+    ),
+    dataset_revision: str | None = typer.Option(
+        None, help="A hub dataset's revision.", rich_help_panel="Your own data"
+    ),
+    validation_fraction: float | None = typer.Option(
+        None,
+        help=f"Share of a single file held out (seeded) as the validation split. [default: {_D.validation_fraction}]",
+        rich_help_panel="Your own data",
+    ),
+    text_column: str | None = typer.Option(
+        None, help="Classification: the text column.", rich_help_panel="Your own data"
+    ),
+    text_pair_column: str | None = typer.Option(
+        None, help="Classification: the second text of a pair.", rich_help_panel="Your own data"
+    ),
+    label_column: str | None = typer.Option(
+        None,
+        help="Classification: the label column (strings or integers; fractional numbers: regression). "
+        "Instructions: a category column for --alpha skew.",
+        rich_help_panel="Your own data",
+    ),
+    regression: bool | None = typer.Option(
+        None,
+        "--regression/--no-regression",
+        help="Treat the label column as a regression target (or not). [default: inferred]",
+        rich_help_panel="Your own data",
+    ),
+    partition_column: str | None = typer.Option(
+        None,
+        help="A natural partition: every distinct value's rows go to one client (a user id, a hospital, a task).",
+        rich_help_panel="Your own data",
+    ),
+    metric: str | None = typer.Option(
+        None,
+        help="The main metric: accuracy, f1_macro, matthews_correlation (2 classes), pearson, spearmanr "
+        "(regression), rougeL, exact_match (instructions). [default: the first of these the task reports]",
+        rich_help_panel="Your own data",
+    ),
+    prompt_column: str | None = typer.Option(
+        None, help="Instructions: the instruction column.", rich_help_panel="Your own data"
+    ),
+    input_column: str | None = typer.Option(
+        None, help="Instructions: an optional input column.", rich_help_panel="Your own data"
+    ),
+    response_column: str | None = typer.Option(
+        None, help="Instructions: the response column (trained on, scored by ROUGE-L).", rich_help_panel="Your own data"
+    ),
+    min_client_examples: int | None = typer.Option(
+        None, help=f"Fewest examples a client holds under Dirichlet skew. [default: {_D.min_client_examples}]"
+    ),
     superni_tasks_per_client: int | None = typer.Option(
         None, help=f"SuperNI: training tasks per client. [default: {_D.superni_tasks_per_client}]"
     ),
@@ -249,6 +309,20 @@ def run(
         "device": device,
         "data_dir": data_dir,
         "target_modules": tuple(target_modules.split(",")) if target_modules else None,
+        "dataset": dataset,
+        "dataset_config": dataset_config,
+        "dataset_revision": dataset_revision,
+        "validation_fraction": validation_fraction,
+        "text_column": text_column,
+        "text_pair_column": text_pair_column,
+        "label_column": label_column,
+        "regression": regression,
+        "partition_column": partition_column,
+        "metric": metric,
+        "prompt_column": prompt_column,
+        "input_column": input_column,
+        "response_column": response_column,
+        "min_client_examples": min_client_examples,
         "superni_tasks_per_client": superni_tasks_per_client,
         "superni_train_tasks": superni_train_tasks,
         "superni_test_tasks": superni_test_tasks,
@@ -271,6 +345,9 @@ def run(
         # the command line sets.
         values = RunConfig.read_toml(config) if config else {}
         values.update({k: v for k, v in given.items() if v is not None})
+        if values.get("dataset") and "task" not in values:
+            # Your own data: the columns given say which kind of task it is.
+            values["task"] = "instructions" if values.get("response_column") else "classification"
         values.update({k: True for k, v in flags.items() if v})
         cfg = RunConfig.from_dict(values)
         if iid:

@@ -180,7 +180,7 @@ def load_glue(task: str, split: str, data_dir: Path | str | None = None, source:
 
     ``source="local"`` reads the offline copy under ``data_dir`` (default: see
     :func:`glora.data.paths.default_data_dir`); ``source="hub"`` loads the same split
-    through the ``datasets`` library (``pip install 'glora[hub]'``, needs network).
+    through the ``datasets`` library (needs network).
     """
     spec = get_task(task)
     if source not in ("local", "hub"):
@@ -207,19 +207,15 @@ def load_glue(task: str, split: str, data_dir: Path | str | None = None, source:
             f"The data directory was looked up in {where}. "
             f"Point ${DATA_ENV} (or the data_dir option, --data-dir on the command line) at a folder "
             f"with the layout glue/<task>/<split>.jsonl.gz (see shared/data/README.md), "
-            f"or load the split online with source='hub' (pip install 'glora[hub]')."
+            f"or load the split online with source='hub'."
         )
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def _load_hub(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            "source='hub' needs the datasets library: pip install 'glora[hub]' (or use the offline copy)"
-        ) from None
+    import datasets  # a dependency; imported here because it is slow to import
+
     path, config = spec.hub
     ds = datasets.load_dataset(path, config, split=spec.hub_splits.get(split, split))
     rows = []

@@ -15,7 +15,7 @@ from scipy import stats
 from torch import Tensor
 
 from glora.data.arrays import as_vector
-from glora.data.glue import get_task
+from glora.data.glue import TaskSpec, get_task
 
 ArrayLike = Sequence[float] | np.ndarray | Tensor
 
@@ -25,7 +25,7 @@ def main_metric(task: str) -> str:
     return get_task(task).main_metric
 
 
-def compute_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+def compute_metrics(task: str | TaskSpec, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """The task's metrics for predictions (n,) against labels (n,).
 
     Predictions are class ids (argmax of the logits) or, for STS-B, floats.
@@ -58,6 +58,8 @@ def compute_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dic
             out[name] = binary_f1(pred, gold)
         elif name == "matthews_correlation":
             out[name] = matthews_corrcoef(pred, gold)
+        elif name == "f1_macro":
+            out[name] = macro_f1(pred, gold)
     return out
 
 
@@ -73,6 +75,13 @@ def binary_f1(pred: np.ndarray, gold: np.ndarray) -> float:
     fp = int(np.sum((pred == 1) & (gold != 1)))
     fn = int(np.sum((pred != 1) & (gold == 1)))
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
+    """The unweighted mean over the classes present in ``gold`` or ``pred`` of each class's
+    F1 (one against the rest), as scikit-learn's ``f1_score(average="macro")``."""
+    present = sorted(set(pred.tolist()) | set(gold.tolist()))
+    return float(np.mean([binary_f1((pred == c).astype(int), (gold == c).astype(int)) for c in present]))
 
 
 def matthews_corrcoef(pred: np.ndarray, gold: np.ndarray) -> float:

@@ -37,6 +37,24 @@ def iid_partition(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part).astype(np.int64) for part in np.array_split(perm, num_clients)]
 
 
+def natural_partition(groups: Sequence | np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+    """A natural split (a user id, a hospital, a task): every distinct value of ``groups``
+    (n,) goes whole to one client. With as many values as clients each client holds one;
+    with more, the values are shuffled with the seed and dealt to the clients in turn.
+    ValueError for fewer distinct values than clients."""
+    values = np.asarray(groups)
+    distinct = sorted(set(values.tolist()), key=str)
+    if len(distinct) < num_clients:
+        raise ValueError(
+            f"the partition column has {len(distinct)} distinct values for {num_clients} clients: each value is "
+            f"one client's data, so use at most --clients {len(distinct)}"
+        )
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    owner = {distinct[v]: i % num_clients for i, v in enumerate(order)}
+    client = np.array([owner[v] for v in values.tolist()], dtype=np.int64)
+    return [np.flatnonzero(client == c).astype(np.int64) for c in range(num_clients)]
+
+
 def label_buckets(labels: LabelsLike, num_buckets: int = 5) -> np.ndarray:
     """Class ids (n,) int64: integer labels unchanged, float labels cut into equal-width buckets.
 

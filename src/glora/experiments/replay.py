@@ -30,8 +30,9 @@ from glora.experiments.statistics import Stat
 from glora.experiments.sweep_results import load_results
 from glora.federation.config import RunConfig
 from glora.federation.results import RunStore
-from glora.federation.simulation import adapted_model, build_task
+from glora.federation.simulation import adapted_model
 from glora.lowrank import LowRank
+from glora.tasks import build_task
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,24 @@ RANK_DISTRIBUTIONS: dict[str, tuple[tuple[int, float], ...]] = {
 
 # Fields added after runs were recorded, with the value that means "as before": left out of
 # the identity at that value, so finished runs keep their names and sweeps still skip them.
-_ADDED_FIELDS: dict[str, Any] = {"logit_adjustment": 0.0, "pooling": "cls", "head_lr_ratio": 1.0}
+_ADDED_FIELDS: dict[str, Any] = {
+    "logit_adjustment": 0.0,
+    "pooling": "cls",
+    "head_lr_ratio": 1.0,
+    "dataset": "",
+    "dataset_config": "",
+    "dataset_revision": "",
+    "text_column": "",
+    "text_pair_column": "",
+    "label_column": "",
+    "regression": None,
+    "validation_fraction": 0.1,
+    "partition_column": "",
+    "metric": "",
+    "prompt_column": "",
+    "input_column": "",
+    "response_column": "",
+}
 
 
 # Fields that say where and how a run is computed or what it keeps, never what it computes.
@@ -83,7 +100,22 @@ class RunConfig:
     # folder, for `glora replay`: other rules aggregated on identical inputs. Not part of a
     # run's identity (it changes what is kept, not what is computed).
     record_updates: bool = False
-    # SuperNI (task "superni"; TASK_DEFAULTS gives its values of the fields above).
+    # Your own data (task "classification" or "instructions"): a file, a folder of split
+    # files, or a hub id, read with the `datasets` library (glora.tasks.dataset_files).
+    dataset: str = ""
+    dataset_config: str = ""  # a hub dataset's configuration name
+    dataset_revision: str = ""  # a hub dataset's revision
+    validation_fraction: float = 0.1  # of a single file, held out (seeded) as the validation split
+    text_column: str = ""  # classification: the text (and, for pairs, text_pair_column)
+    text_pair_column: str = ""
+    label_column: str = ""  # classification: the label; instructions: a category for Dirichlet skew
+    regression: bool | None = None  # a float label column is a regression target (None: inferred)
+    partition_column: str = ""  # a natural partition: each distinct value's rows go to one client
+    metric: str = ""  # the main metric ("": accuracy, pearson for regression, rougeL for instructions)
+    prompt_column: str = ""  # instructions: the instruction, an optional input, the response
+    input_column: str = ""
+    response_column: str = ""
+    # SuperNI (task "superni"; glora.tasks.superni.SUPERNI_DEFAULTS gives its values above).
     superni_tasks_per_client: int = 1  # distinct training tasks per client (1: FlexLoRA's protocol)
     superni_by_category: bool = False  # each client holds every training task of one category
     superni_train_tasks: str = ""  # comma-separated pool the clients' tasks are drawn from ("": all 687)
@@ -122,7 +154,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """A config from plain values; fields left out take the task's defaults
-        (:data:`TASK_DEFAULTS`), then the dataclass defaults."""
+        (:func:`task_defaults`), then the dataclass defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -164,35 +196,14 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Defaults that differ by task family (the dataclass defaults are GLUE's). SuperNI: the
-# SmolLM2 backbone with LoRA on its attention projections, clients split by task (no label
-# skew), and a budget sized for this 2-core machine: 10 clients x 5 rounds x 5 steps of
-# about 6.5 s (one core), plus one evaluation of about 4 min (README, "Instruction tuning on
-# SuperNI"; results/superni_defaults.md has the measurements and the learning-rate probe).
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "superni": {
-        "backbone": "smollm2",
-        "pooling": "cls",  # no classification head; the inert values keep SuperNI identities
-        "head_lr_ratio": 1.0,
-        "target_modules": ("q_proj", "v_proj"),
-        "alpha": None,
-        "rounds": 5,
-        "local_steps": 5,
-        "batch_size": 4,
-        "lr": 5e-4,
-        "max_length": 256,
-        "eval_batch_size": 16,
-        "eval_ranks": False,
-    },
-}
-
-
 def task_defaults(task: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The defaults of ``task`` for fields not in ``given``. SuperNI evaluates only at the end
-    unless told otherwise (an evaluation is minutes of generation): eval_every = rounds."""
-    out = dict(TASK_DEFAULTS.get(task, {}))
-    if task == "superni" and "eval_every" not in given:
-        out["eval_every"] = max(1, int(given.get("rounds", out["rounds"])))
+    """The defaults of ``task``'s family (:attr:`glora.tasks.base.TaskFamily.defaults`) for
+    fields not in ``given``; ``eval_every = "rounds"`` there means at the end only."""
+    from glora.tasks import task_class
+
+    out = dict(task_class(task).defaults)
+    if out.get("eval_every") == "rounds":
+        out["eval_every"] = max(1, int(given.get("rounds", out.get("rounds", RunConfig.rounds))))
     return out
 
 

@@ -24,15 +24,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from glora.aggregation import ClientPlan, LayerState, Rule, average_params, get_rule
 from glora.aggregation.base import FACTORS, leading, within_rank
-from glora.data import glue
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
 from glora.federation.results import ADAPTER, RunStore
-from glora.federation.tasks import FederatedTask, GlueTask
 from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
 from glora.models.backbones import POOLINGS
 from glora.models.device import device_kind, resolve_device
 from glora.models.lora import AdaptedModel, adapter_name, export_adapter
+from glora.tasks import FederatedTask, build_task, task_class
 
 
 @dataclass
@@ -45,15 +44,6 @@ class ServerState:
     base_offsets: dict[str, torch.Tensor] | None = None
     personal: dict[int, dict[str, Any]] = field(default_factory=dict)
     elapsed: float = 0.0
-
-
-def build_task(cfg: RunConfig) -> FederatedTask:
-    """The task family named by ``cfg.task``."""
-    if cfg.task == "superni":
-        from glora.federation.superni_task import SuperNITask
-
-        return SuperNITask(cfg)
-    return GlueTask(cfg)
 
 
 def adapted_model(task: FederatedTask, cfg: RunConfig, ranks: list[int]) -> AdaptedModel:
@@ -69,10 +59,8 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--alpha must be > 0 (Dirichlet concentration), got {cfg.alpha}; use --iid for IID")
     if cfg.rounds < 0:
         raise ValueError(f"--rounds must be >= 0 (0: evaluate the untuned backbone only), got {cfg.rounds}")
-    if cfg.task == "superni":
-        from glora.federation.superni_task import check_superni_config
-
-        check_superni_config(cfg)
+    family = task_class(cfg.task)
+    family.check_config(cfg)
     for name, value in (
         ("clients", cfg.clients),
         ("local-steps", cfg.local_steps),
@@ -91,15 +79,17 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--head-lr-ratio must be > 0 (the head's lr over the factors'), got {cfg.head_lr_ratio}")
     if cfg.logit_adjustment < 0:
         raise ValueError(f"--logit-adjustment must be >= 0 (0: plain cross-entropy), got {cfg.logit_adjustment}")
-    if cfg.logit_adjustment > 0 and (cfg.task == "superni" or glue.get_task(cfg.task).is_regression):
+    if cfg.logit_adjustment > 0 and not family.has_labels(cfg):
         raise ValueError(
             f"--logit-adjustment needs a classification task (it shifts the logits by the client's label "
             f"prior); task {cfg.task!r} has no labels to count: leave it at 0"
         )
     if cfg.pooling not in POOLINGS:
         raise ValueError(f"--pooling must be {' or '.join(repr(p) for p in POOLINGS)}, got {cfg.pooling!r}")
-    if cfg.pooling != "cls" and cfg.task == "superni":
-        raise ValueError("--pooling applies to classification heads; task 'superni' generates text: leave it at cls")
+    if cfg.pooling != "cls" and not family.has_head:
+        raise ValueError(
+            f"--pooling applies to classification heads; task {cfg.task!r} generates text: leave it at cls"
+        )
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"--weighting must be 'examples' or 'uniform', got {cfg.weighting!r}")
     if cfg.random_gauge and any(rule.client_plan(t).train != FACTORS for t in (1, 2)):

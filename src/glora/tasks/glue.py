@@ -1,10 +1,11 @@
-"""What the round loop needs from a task: a backbone, the clients' data, batches, and an
-evaluation. GLUE classification lives here; other task families implement the same
-:class:`FederatedTask` protocol."""
+"""Sequence classification (and regression) on an encoder: the shared machinery
+(:class:`ClassificationTask`: held-out slice, caps, tokenising, partitions, batches,
+evaluation) and the GLUE tasks on it (:class:`GlueTask`). The user's own labelled data uses
+the same base (glora.tasks.classification)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,61 +13,31 @@ from torch import nn
 
 from glora.data import glue
 from glora.data.metrics import compute_metrics
-from glora.data.partition import dirichlet_partition, iid_partition, label_buckets
+from glora.data.partition import dirichlet_partition, iid_partition, label_buckets, natural_partition
 from glora.federation.config import RunConfig
 from glora.models.backbones import encoder_config, load_classifier, resolve_backbone
 from glora.models.device import to_device
 from glora.models.export import ExportInfo, hub_id
-from glora.models.lora import LoraSettings
+from glora.tasks.base import TaskFamily, lora_settings
+
+# A training row's natural client (``--partition-column``), carried through the row filters.
+GROUP = "_group"
 
 
-class FederatedTask(Protocol):
-    """A task as the round loop sees it."""
+class ClassificationTask(TaskFamily):
+    """A classification (or regression) task on an encoder with a head, from rows that a
+    subclass reads: ``spec`` says the text fields, labels and metrics; rows hold the text
+    fields, an integer ``label`` (a float for regression) and, for a natural partition, the
+    client key under :data:`GROUP`."""
 
-    name: str
-    main_metric: str
-    model: nn.Module
-    lora: LoraSettings
-    num_train: int
-
-    def partition(self) -> list[np.ndarray]:
-        """Indices of the training examples each client holds (a partition)."""
-
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """A training batch (model inputs and labels) of the given examples."""
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics of ``model`` on the evaluation split."""
-
-    def log_label_prior(self, indices: np.ndarray) -> torch.Tensor:
-        """(num_labels,) log of the label frequencies among the given training examples
-        (classification tasks; the logit-adjusted loss shifts the logits by it)."""
-
-    def fresh_model(self) -> nn.Module:
-        """A new instance of the pretrained backbone (with its initial head), for export."""
-
-    @property
-    def export_info(self) -> ExportInfo:
-        """What the exported adapter says of its base model, task type and labels."""
-
-
-class GlueTask:
-    """A GLUE task on an encoder with a classification (or regression) head."""
-
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(
+        self, cfg: RunConfig, spec: glue.TaskSpec, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]
+    ) -> None:
         self.cfg = cfg
-        self.spec = glue.get_task(cfg.task)
-        if "train" not in self.spec.local_splits and cfg.data_source == "local":
-            trainable = [t for t in glue.task_names() if "train" in glue.get_task(t).local_splits]
-            raise ValueError(
-                f"task {cfg.task!r} has no training split in the offline data ({self.spec.note or 'missing'}); "
-                f"train on one of: {', '.join(trainable)}"
-            )
+        self.spec = spec
         self.name = self.spec.name
         self.main_metric = self.spec.main_metric
         self.backbone_path = resolve_backbone(cfg.backbone)
-        train_rows = glue.load_glue(cfg.task, "train", cfg.data_dir, source=cfg.data_source)
-        eval_rows = glue.load_glue(cfg.task, "validation", cfg.data_dir, source=cfg.data_source)
         if cfg.eval_split == "heldout":
             # A fixed slice (seed 0 whatever the run's seed), so every run tunes on the same data.
             order = np.random.default_rng(0).permutation(len(train_rows))
@@ -82,6 +53,7 @@ class GlueTask:
             eval_rows = eval_rows[: cfg.max_eval_examples]
         if cfg.clients > len(train_rows):
             raise ValueError(f"--clients {cfg.clients} is more than the {len(train_rows)} training examples")
+        self.groups = np.array([r[GROUP] for r in train_rows]) if train_rows and GROUP in train_rows[0] else None
         self.model, self.tokenizer = load_classifier(
             self.backbone_path, self.spec.num_labels, seed=cfg.seed, pooling=cfg.pooling
         )
@@ -94,15 +66,12 @@ class GlueTask:
             and "token_type_ids" in self.tokenizer.model_input_names
             and getattr(encoder_config(self.model), "type_vocab_size", 1) > 1
         )
-        self.lora = LoraSettings(
-            target_modules=tuple(cfg.target_modules),
-            alpha_per_rank=cfg.lora_alpha_per_rank,
-            rslora=cfg.rslora,
-            head_modules=("classifier",),
-        )
+        self.lora = lora_settings(cfg, ("classifier",))
 
     def partition(self) -> list[np.ndarray]:
         cfg = self.cfg
+        if self.groups is not None:
+            return natural_partition(self.groups, cfg.clients, cfg.seed)
         if cfg.alpha is None:
             return iid_partition(self.num_train, cfg.clients, cfg.seed)
         labels = self.train.labels.numpy()
@@ -162,4 +131,24 @@ class GlueTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics on the evaluation split."""
-        return compute_metrics(self.name, self.predict(model).numpy(), self.eval.labels.numpy())
+        return compute_metrics(self.spec, self.predict(model).numpy(), self.eval.labels.numpy())
+
+
+class GlueTask(ClassificationTask):
+    """A GLUE task, from the offline copy (--data-dir) or the hub."""
+
+    @classmethod
+    def has_labels(cls, cfg: RunConfig) -> bool:
+        return not glue.get_task(cfg.task).is_regression
+
+    def __init__(self, cfg: RunConfig) -> None:
+        spec = glue.get_task(cfg.task)
+        if "train" not in spec.local_splits and cfg.data_source == "local":
+            trainable = [t for t in glue.task_names() if "train" in glue.get_task(t).local_splits]
+            raise ValueError(
+                f"task {cfg.task!r} has no training split in the offline data ({spec.note or 'missing'}); "
+                f"train on one of: {', '.join(trainable)}"
+            )
+        train_rows = glue.load_glue(cfg.task, "train", cfg.data_dir, source=cfg.data_source)
+        eval_rows = glue.load_glue(cfg.task, "validation", cfg.data_dir, source=cfg.data_source)
+        super().__init__(cfg, spec, train_rows, eval_rows)
