@@ -213,3 +213,19 @@ def test_sentence_pairs_get_the_tokenizers_segment_ids():
         n = len(e["input_ids"])
         assert got["token_type_ids"][row, :n].tolist() == e["token_type_ids"]
         assert got["token_type_ids"][row, n:].sum() == 0
+
+
+@pytest.mark.slow
+def test_equal_ranks_are_scored_at_the_rank_clients_receive_where_it_differs(tmp_path):
+    """FlexLoRA's state is the mean (rank up to 3 x 4): a rank-4 client receives its truncation,
+    which is scored beside the global model. GLoRA at R = 4 sends the global model itself."""
+    cfg = SMALL.replace(ranks="4", rounds=1)
+    flex = run_federation_rows(cfg.replace(rule="flexlora"), tmp_path / "flex")
+    assert set(flex["eval_by_rank"]) == {"4"}  # absent before: equal ranks were scored globally only
+    assert "eval_by_rank" not in run_federation_rows(cfg, tmp_path / "glora")
+
+
+def run_federation_rows(cfg, folder):
+    """The last metrics row of a run."""
+    Federation(cfg, folder, progress=False).run()
+    return RunStore(folder).metrics()[-1]

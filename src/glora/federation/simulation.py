@@ -405,16 +405,25 @@ class Federation:
 
     # -- evaluation -------------------------------------------------------------------------------
     def _evaluate(self, st: ServerState) -> dict[str, Any]:
-        """The global model (base + the state's full delta()) and, for unequal ranks, the model
-        a client of each rank receives (base + merge + its readout)."""
+        """The global model (base + the state's full delta()) and the model a client of each
+        rank receives (base + merge + its readout): for unequal ranks always, for equal ranks
+        where it differs from the global model (a state larger than the clients' rank, as
+        FlexLoRA's mean of rank up to the sum of theirs), so that no rule is scored only on a
+        model no client holds."""
         out: dict[str, Any] = {}
         with self.global_model(st) as m:
             out["eval"] = self.task.evaluate(m)
-        if self.cfg.eval_ranks and len(set(self.ranks)) > 1:
-            out["eval_by_rank"] = {}
-            for r, deltas in self.received_deltas(st):
-                with self.model.dense_update(deltas, self.ranks[0], st.head) as m:
-                    out["eval_by_rank"][str(r)] = self.task.evaluate(m)
+        if not self.cfg.eval_ranks:
+            return out
+        by_rank = {}
+        total = {n: s.delta() for n, s in st.layers.items()} if len(set(self.ranks)) == 1 else None
+        for r, deltas in self.received_deltas(st):
+            if total is not None and all(torch.allclose(deltas[n], total[n], rtol=1e-5, atol=1e-9) for n in total):
+                continue  # the clients' one rank receives the global model itself
+            with self.model.dense_update(deltas, self.ranks[0], st.head) as m:
+                by_rank[str(r)] = self.task.evaluate(m)
+        if by_rank:
+            out["eval_by_rank"] = by_rank
         return out
 
     def global_model(self, st: ServerState) -> AbstractContextManager[torch.nn.Module]:

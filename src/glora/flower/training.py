@@ -14,10 +14,10 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from glora.aggregation import Rule, get_rule
 from glora.federation.config import RunConfig
-from glora.federation.simulation import adapted_model, build_task, client_layout, train_client
+from glora.federation.simulation import adapted_model, client_layout, train_client
 from glora.flower.records import decode_base, decode_factors, decode_head, encode
 from glora.models.lora import AdaptedModel
-from glora.tasks import FederatedTask
+from glora.tasks import FederatedTask, build_task
 
 OWN = "glora-own"  # the key of the client's own factors and head in context.state
 
