@@ -50,3 +50,14 @@ def unequal():
 @pytest.fixture
 def equal():
     return make_updates([4, 4, 4]), [10.0, 30.0, 60.0]
+
+
+@pytest.fixture
+def task_identity():
+    """Flower messages can only be built inside a Flower task: play the ServerApp's (run 1, node 1)."""
+    from flwr.supercore.task_identity import TaskIdentity  # flower: imported only by the tests that use it
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -27,7 +27,6 @@ pytest.importorskip("flwr", reason="the Flower app needs the optional extra: pip
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from glora.aggregation import RULES, average_params, get_rule
 from glora.federation.config import RunConfig
@@ -45,15 +44,6 @@ from glora.models.lora import LoraSettings
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"layer.0.query": (12, 10), "layer.0.value": (8, 10)}
 SETTINGS = LoraSettings()
-
-
-@pytest.fixture
-def task_identity():
-    """Messages can only be built inside a Flower task: play the ServerApp's (run 1, node 1)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def init_adapters(ranks):

@@ -535,6 +535,41 @@ def replay(
 
 
 @app.command()
+def aggregate(
+    adapters: list[Path] = typer.Argument(
+        ..., help="The clients' peft adapter folders (adapter_config.json + adapter weights); any ranks."
+    ),
+    rule: str = typer.Option("glora", help="Aggregation rule (see README)."),
+    weights: str | None = typer.Option(
+        None, help="Client weights, comma-separated, one per adapter (e.g. example counts). [default: equal]"
+    ),
+    rule_option: list[str] = typer.Option(
+        [], "--rule-option", help="Rule option key=value, repeatable (e.g. rank=16)."
+    ),
+    out: Path = typer.Option(..., help="Folder for global/ and rank-R/ (each replaced if present)."),
+) -> None:
+    """The server's aggregate of client LoRA adapters (peft adapter folders, any ranks) as
+    peft adapters that PeftModel.from_pretrained loads: OUT/global/ (the full update) and
+    OUT/rank-R/ for each client rank R (what a client of that rank receives). The heads
+    (modules_to_save, e.g. a classifier) are averaged by weight. For rules that merge into
+    the base weights (flora, florist, fedex-lora, glora with restart), rank-R/ holds the total
+    update a client carries, not a rank-R adapter."""
+    from glora.peft_server import aggregate_adapters, write_adapters
+
+    try:
+        w = None if weights is None else _csv(weights, float)
+        result = aggregate_adapters(adapters, w, rule, **_rule_options(rule_option))
+        write_adapters(out, result)
+    except (ValueError, typer.BadParameter) as e:
+        typer.echo("error: " + " ".join(str(e).split()), err=True)  # one line, whatever the message
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {out / 'global'} (rank {result['configs']['global'].r}: the full update)")
+    for name in dict.fromkeys(result["clients"]):
+        clients = [str(i) for i, n in enumerate(result["clients"]) if n == name]
+        typer.echo(f"wrote {out / name} (received by client{'s' * (len(clients) > 1)} {', '.join(clients)})")
+
+
+@app.command()
 def table(folders: list[Path] = typer.Argument(..., help="Run folders (of `glora run`).")) -> None:
     """A markdown table of individual runs: metric at each evaluated round, per rank, cost."""
     from glora.experiments.runs_table import runs_markdown

@@ -74,6 +74,12 @@ class LayerState(ABC):
         Small sizes only: tests and evaluation of small backbones.
         """
 
+    def total(self) -> LowRank | Tensor:
+        """The update :meth:`delta` stands for, as factors where the state holds it low-rank
+        (so that exporting a large layer needs no dense matrix), else dense (d_out, d_in).
+        Default: :meth:`delta`; states that keep factors override it."""
+        return self.delta()
+
     def merged_delta(self) -> Tensor | None:
         """Dense form of :meth:`merge` (None when nothing is merged)."""
         m = self.merge()

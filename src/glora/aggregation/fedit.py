@@ -40,6 +40,9 @@ class FactorState(LayerState):
     def merge(self) -> Tensor | None:
         return self.residual
 
+    def total(self) -> LowRank | Tensor:
+        return self.adapter if self.residual is None else self.delta()
+
     def delta(self) -> Tensor:
         d = self.adapter.delta()
         return d if self.residual is None else d + self.residual

@@ -52,6 +52,9 @@ class StackedState(LayerState):
     def merge(self) -> LowRank:
         return self.stacked
 
+    def total(self) -> LowRank:
+        return self.stacked
+
     def delta(self) -> Tensor:
         return self.stacked.delta()
 

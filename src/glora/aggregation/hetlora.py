@@ -132,6 +132,9 @@ class PaddedState(LayerState):
             B = pad_columns(B, rank)
         return LowRank(B.to(self.out_dtype), A.to(self.out_dtype), scale)
 
+    def total(self) -> LowRank:
+        return self.adapter
+
     def delta(self) -> Tensor:
         return self.adapter.delta()
 

@@ -89,5 +89,9 @@ class SpectralState(LayerState):
             return None
         return self.truncated(self.rank, 1.0)
 
+    def total(self) -> LowRank:
+        # In the server dtype: the clients' dtype would round the singular values.
+        return LowRank(self.Ub * self.lam, self.Q.T, 1.0)
+
     def delta(self) -> Tensor:
         return ((self.Ub * self.lam) @ self.Q.T).to(self.out_dtype)
