@@ -78,3 +78,34 @@ def test_a_task_the_tuning_lacks_is_refused(tmp_path):
     root = _sweep(tmp_path / "t", [("sst2", "glora", 5e-3, 0, 0.8)])
     with pytest.raises(ValueError, match="no tuned learning rate for cola"):
         sweep_command("data-heterogeneity", tmp_path / "out", dry_run=True, seeds=[0], lr_from=root)
+
+
+def test_per_rule_each_rule_takes_its_own_best_complete_rate(tmp_path):
+    from glora.experiments.sweep_results import load_results
+    from glora.experiments.tuned import tuned_lrs_per_rule
+
+    root = _sweep(
+        tmp_path / "t",
+        [
+            # glora: 2e-3 best on both seeds; 5e-3 better on seed 0 but seed 1 is unfinished
+            ("sst2", "glora", 1e-3, 0, 0.70),
+            ("sst2", "glora", 1e-3, 1, 0.72),
+            ("sst2", "glora", 2e-3, 0, 0.80),
+            ("sst2", "glora", 2e-3, 1, 0.78),
+            ("sst2", "glora", 5e-3, 0, 0.95),
+            ("sst2", "glora", 5e-3, 1, None),
+            # fedit: the smaller rate wins the tie
+            ("sst2", "fedit", 1e-3, 0, 0.75),
+            ("sst2", "fedit", 2e-3, 0, 0.75),
+            # a reference is tuned like a rule
+            ("sst2", "centralized", 5e-3, 0, 0.9),
+            ("sst2", "centralized", 1e-3, 0, 0.8),
+        ],
+    )
+    lrs = tuned_lrs_per_rule(load_results(root))
+    assert lrs == {("sst2", "glora"): 2e-3, ("sst2", "fedit"): 1e-3, ("sst2", "centralized"): 5e-3}
+    runs = expand(load_preset("data-heterogeneity"), tasks=["sst2"], settings=["iid"], rules=["glora", "fedit"])
+    tuned = with_tuned_lrs(runs, lrs, root)
+    assert {(r.config.rule, r.config.lr) for r in tuned} == {("glora", 2e-3), ("fedit", 1e-3)}
+    with pytest.raises(ValueError, match="no tuned learning rate for sst2/flora"):
+        with_tuned_lrs(expand(load_preset("data-heterogeneity"), tasks=["sst2"], rules=["flora"]), lrs, root)

@@ -406,6 +406,12 @@ def sweep(
         help="Results folder of a tuning sweep (e.g. lr-tuning): its chosen learning rate per task, picked on "
         "held-out training data, replaces the preset's in every run.",
     ),
+    lr_per_rule: bool = typer.Option(
+        False,
+        "--lr-per-rule",
+        help="With --lr-from: each rule takes its own tuned rate (its best held-out mean over seeds) instead of "
+        "the task's rate shared by every rule.",
+    ),
     reuse_from: str | None = typer.Option(
         None,
         help="Other sweeps' results folders, or folders of `glora run --out` folders, comma-separated: their "
@@ -432,6 +438,7 @@ def sweep(
             progress,
             lr_from=lr_from,
             reuse_from=_csv(reuse_from, Path),
+            lr_per_rule=lr_per_rule,
         )
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}")

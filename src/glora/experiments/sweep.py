@@ -350,16 +350,24 @@ def print_plan(runs: list[PlannedRun], results_dir: Path, console: Console) -> f
     return left
 
 
-def with_tuned_lrs(runs: list[PlannedRun], lrs: dict[str, float], source: Path) -> list[PlannedRun]:
-    """The runs with each task's tuned learning rate; ValueError for a task the tuning lacks."""
-    missing = sorted({r.config.task for r in runs} - set(lrs))
+def with_tuned_lrs(runs: list[PlannedRun], lrs: dict, source: Path) -> list[PlannedRun]:
+    """The runs with the tuned learning rate of their task ({task: lr}) or of their task and
+    rule ({(task, rule): lr}); ValueError for a task or rule the tuning lacks."""
+    per_rule = any(isinstance(k, tuple) for k in lrs)
+
+    def key(run: PlannedRun):
+        return (run.config.task, run.config.rule) if per_rule else run.config.task
+
+    missing = sorted({key(r) for r in runs} - set(lrs), key=str)
     if missing:
+        tuned = ", ".join("/".join(k) if isinstance(k, tuple) else k for k in sorted(lrs, key=str))
+        names = ", ".join("/".join(k) if isinstance(k, tuple) else k for k in missing)
         raise ValueError(
-            f"--lr-from {source} has no tuned learning rate for {', '.join(missing)} (it tuned "
-            f"{', '.join(sorted(lrs)) or 'nothing'}); tune those tasks too or leave them out with --only-tasks"
+            f"--lr-from {source} has no tuned learning rate for {names} (it tuned {tuned or 'nothing'}); tune "
+            "those too or leave them out with --only-tasks / --only-rules"
         )
     for run in runs:
-        run.config = run.config.replace(lr=lrs[run.config.task])
+        run.config = run.config.replace(lr=lrs[key(run)])
     return runs
 
 
@@ -421,10 +429,12 @@ def sweep_command(
     console: Console | None = None,
     lr_from: Path | None = None,
     reuse_from: list[Path] | None = None,
+    lr_per_rule: bool = False,
 ) -> SweepOutcome | None:
     """``glora sweep``: load, expand, then list (dry run) or run. Returns None for a dry run.
     ``lr_from``: a tuning sweep's results folder whose chosen rate per task replaces the
-    preset's learning rate in every run (:mod:`glora.experiments.tuned`). ``reuse_from``:
+    preset's learning rate in every run (:mod:`glora.experiments.tuned`; with ``lr_per_rule``,
+    each rule's own chosen rate). ``reuse_from``:
     other sweeps' results folders whose finished runs of the same identity are linked, not
     re-run (:func:`reuse_finished`); a dry run lists them as to run."""
     preset = load_preset(preset_arg)
@@ -433,7 +443,7 @@ def sweep_command(
         # imported here: tuned reads results through sweep_results, which imports this module
         from glora.experiments.tuned import tuned_lrs_from
 
-        runs = with_tuned_lrs(runs, tuned_lrs_from(lr_from), lr_from)
+        runs = with_tuned_lrs(runs, tuned_lrs_from(lr_from, per_rule=lr_per_rule), lr_from)
     if threads is not None:
         # Threads are not part of a run's identity: they change its speed, not its result.
         for run in runs:
@@ -454,6 +464,8 @@ def sweep_command(
     for flag, values in filters:
         if values:
             parts += [flag, ",".join(str(v) for v in values)]
+    if lr_per_rule:
+        parts.append("--lr-per-rule")
     console = console or Console(stderr=True)
     if reuse_from:
         linked = reuse_finished(runs, results_dir, reuse_from)

@@ -1,12 +1,18 @@
-"""The learning rate per task that a tuning sweep chose, for ``glora sweep --lr-from``.
+"""The learning rate that a tuning sweep chose, for ``glora sweep --lr-from``.
 
-Fairness rule of the evidence sweeps: every rule shares one learning rate per task, chosen
-on a held-out slice of the training data (``eval_split = "heldout"``, never the validation
-split). The chosen rate is the one whose federated rules (every rule of the tuning grid
-except the centralized and local references) have the best mean final main metric, each
-rule's value first averaged over seeds; ties go to the smaller rate. Only rates at which
-every federated rule of the task finished count, so a half-done tuning sweep cannot pick a
-rate because its weak rules have not run yet.
+Rates are chosen on a held-out slice of the training data (``eval_split = "heldout"``, never
+the validation split), in one of two ways:
+
+- shared (the protocol of the first evidence sweeps): every rule of a task uses one rate,
+  the one whose federated rules (every rule of the tuning grid except the centralized and
+  local references) have the best mean final main metric, each rule's value first averaged
+  over seeds. Only rates at which every federated rule of the task finished count, so a
+  half-done tuning sweep cannot pick a rate because its weak rules have not run yet;
+- per rule (``--lr-per-rule``, the protocol of results/sweeps/PROTOCOL.md): each (task, rule)
+  uses the rate of its own best seed-mean, among the rates at which all of its seeds
+  finished (references included: each is tuned like a rule).
+
+Ties go to the smaller rate.
 """
 
 from __future__ import annotations
@@ -21,13 +27,8 @@ from glora.experiments.sweep_results import REFERENCES, Results, load_results
 def tuned_lrs(res: Results) -> dict[str, float]:
     """{task: chosen learning rate} from a tuning sweep's results (see the module docstring)."""
     scores: dict[str, dict[float, dict[str, list[float]]]] = {}
-    for run in res.finished():
+    for run in _heldout(res.finished()):
         cfg = run.config
-        if cfg["eval_split"] != "heldout":
-            raise ValueError(
-                f"run {run.identity} of the tuning sweep was scored on the {cfg['eval_split']} split; tune on "
-                "eval_split = 'heldout' (a slice of the training data), never on the validation split"
-            )
         if cfg["rule"] in REFERENCES:
             continue
         value = (run.summary.get("final") or {}).get(run.summary["main_metric"])
@@ -45,6 +46,41 @@ def tuned_lrs(res: Results) -> dict[str, float]:
     return out
 
 
-def tuned_lrs_from(results_dir: Path) -> dict[str, float]:
-    """:func:`tuned_lrs` of the sweep in ``results_dir``."""
-    return tuned_lrs(load_results(Path(results_dir)))
+def tuned_lrs_per_rule(res: Results) -> dict[tuple[str, str], float]:
+    """{(task, rule): chosen learning rate} (see the module docstring, "per rule")."""
+    seeds: dict[tuple[str, str], set[int]] = {}
+    scores: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for run in res.runs:
+        cfg = run.config or {}
+        if cfg:
+            seeds.setdefault((cfg["task"], cfg["rule"]), set()).add(int(cfg["seed"]))
+    for run in _heldout(res.finished()):
+        cfg = run.config
+        value = (run.summary.get("final") or {}).get(run.summary["main_metric"])
+        if value is not None:
+            scores.setdefault((cfg["task"], cfg["rule"]), {}).setdefault(float(cfg["lr"]), []).append(value)
+    out = {}
+    for cell, by_lr in scores.items():
+        complete = {lr: float(np.mean(v)) for lr, v in by_lr.items() if len(v) == len(seeds[cell])}
+        if complete:
+            out[cell] = min(complete, key=lambda lr: (-complete[lr], lr))
+    if not out:
+        raise ValueError("the tuning sweep has no rate with every seed finished yet: run it first")
+    return out
+
+
+def _heldout(runs: list) -> list:
+    """The runs, after refusing any scored on another split than the held-out slice."""
+    for run in runs:
+        if run.config["eval_split"] != "heldout":
+            raise ValueError(
+                f"run {run.identity} of the tuning sweep was scored on the {run.config['eval_split']} split; tune "
+                "on eval_split = 'heldout' (a slice of the training data), never on the validation split"
+            )
+    return runs
+
+
+def tuned_lrs_from(results_dir: Path, per_rule: bool = False) -> dict:
+    """:func:`tuned_lrs` (or :func:`tuned_lrs_per_rule`) of the sweep in ``results_dir``."""
+    res = load_results(Path(results_dir))
+    return tuned_lrs_per_rule(res) if per_rule else tuned_lrs(res)
