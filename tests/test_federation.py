@@ -229,3 +229,36 @@ def run_federation_rows(cfg, folder):
     """The last metrics row of a run."""
     Federation(cfg, folder, progress=False).run()
     return RunStore(folder).metrics()[-1]
+
+
+def test_held_out_shares_are_never_trained_on():
+    parts = [np.arange(0, 10), np.arange(10, 13), np.arange(13, 14)]
+    train, held = simulation.holdout_split(parts, 0.25, seed=0)
+    assert [len(h) for h in held] == [2, 1, 0]  # at least one where a client has two; never its last
+    for p, t, h in zip(parts, train, held, strict=True):
+        assert not set(t) & set(h) and sorted([*t, *h]) == list(p)
+    assert all(
+        np.array_equal(a, b) for a, b in zip(simulation.holdout_split(parts, 0.0, seed=0)[0], parts, strict=True)
+    )
+    assert RunConfig(personal_holdout=0.0).identity() == RunConfig().identity()
+    with pytest.raises(ValueError, match="--personal-holdout must be in"):
+        check_config(SMALL.replace(personal_holdout=1.0))
+
+
+@pytest.mark.slow
+def test_personal_models_are_scored_on_their_clients_held_out_share(tmp_path, monkeypatch):
+    trained = []
+    real = simulation.local_train
+
+    def spy(model, lora, head, batch, indices, *args, **kwargs):
+        trained.append(set(indices.tolist()))
+        return real(model, lora, head, batch, indices, *args, **kwargs)
+
+    monkeypatch.setattr(simulation, "local_train", spy)
+    cfg = SMALL.replace(rule="local", ranks="4", rounds=1, local_steps=2, personal_holdout=0.2)
+    fed = Federation(cfg, tmp_path / "run", progress=False)
+    summary = fed.run()
+    held = set(np.concatenate(fed.held).tolist())
+    assert held and not held & set().union(*trained)
+    assert set(summary["final_heldout_personal"]) == {"accuracy"}
+    assert set(summary["final_heldout_global"]) == {"accuracy"}

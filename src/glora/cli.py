@@ -229,6 +229,11 @@ def run(
     response_column: str | None = typer.Option(
         None, help="Instructions: the response column (trained on, scored by ROUGE-L).", rich_help_panel="Your own data"
     ),
+    personal_holdout: float | None = typer.Option(
+        None,
+        help="Share of each client's own data held out and never trained on; at the end each client's own "
+        "model (personalised rules) and the global model are scored on it too. [default: 0, none]",
+    ),
     min_client_examples: int | None = typer.Option(
         None, help=f"Fewest examples a client holds under Dirichlet skew. [default: {_D.min_client_examples}]"
     ),
@@ -323,6 +328,7 @@ def run(
         "input_column": input_column,
         "response_column": response_column,
         "min_client_examples": min_client_examples,
+        "personal_holdout": personal_holdout,
         "superni_tasks_per_client": superni_tasks_per_client,
         "superni_train_tasks": superni_train_tasks,
         "superni_test_tasks": superni_test_tasks,

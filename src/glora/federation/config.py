@@ -37,6 +37,7 @@ _ADDED_FIELDS: dict[str, Any] = {
     "prompt_column": "",
     "input_column": "",
     "response_column": "",
+    "personal_holdout": 0.0,
 }
 
 
@@ -90,6 +91,10 @@ class RunConfig:
     eval_split: str = "validation"
     heldout_examples: int = 1000
     weighting: str = "examples"  # or "uniform"
+    # Share of each client's own examples held out (seeded) and never trained on: at the end,
+    # each client's own model (personalised rules) and the global model are also scored on it,
+    # the personalisation claim's test. 0: no share held out.
+    personal_holdout: float = 0.0
     random_gauge: bool = False  # control: clients re-gauge their factors before upload
     seed: int = 0
     threads: int = 2

@@ -90,6 +90,10 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(
             f"--pooling applies to classification heads; task {cfg.task!r} generates text: leave it at cls"
         )
+    if not 0 <= cfg.personal_holdout < 1:
+        raise ValueError(f"--personal-holdout must be in [0, 1), got {cfg.personal_holdout}")
+    if cfg.personal_holdout > 0 and not hasattr(family, "evaluate_examples"):
+        raise ValueError(f"--personal-holdout needs a task that scores training examples; {cfg.task!r} does not")
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"--weighting must be 'examples' or 'uniform', got {cfg.weighting!r}")
     if cfg.random_gauge and any(rule.client_plan(t).train != FACTORS for t in (1, 2)):
@@ -122,10 +126,25 @@ def initial_adapters(model: AdaptedModel, ranks: list[int], seed: int) -> dict[i
     return out
 
 
+def holdout_split(parts: list[np.ndarray], share: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each client's examples split, with the seed, into those it trains on and a held-out
+    ``share`` (at least one example where share > 0 and the client has two); sorted indices."""
+    if share == 0:  # the parts as they are (their order too: it seeds the batches)
+        return list(parts), [part[:0] for part in parts]
+    train, held = [], []
+    for i, part in enumerate(parts):
+        k = min(len(part) - 1, max(1, round(share * len(part))))
+        order = np.random.default_rng([seed, i, 31]).permutation(part)
+        held.append(np.sort(order[:k]))
+        train.append(np.sort(order[k:]))
+    return train, held
+
+
 def client_layout(cfg: RunConfig, task: FederatedTask, rule: Rule) -> tuple[list[np.ndarray], list[int]]:
-    """Each client's training examples and rank. A pooled rule (the centralized reference)
-    gets one client with everyone's data at the largest rank."""
-    parts = task.partition()
+    """Each client's training examples (less its held-out share, ``--personal-holdout``) and
+    rank. A pooled rule (the centralized reference) gets one client with everyone's training
+    examples at the largest rank."""
+    parts = holdout_split(task.partition(), cfg.personal_holdout, cfg.seed)[0]
     ranks = cfg.client_ranks()
     if rule.pooled:
         return [np.sort(np.concatenate(parts))], [max(ranks)]
@@ -354,6 +373,8 @@ class Federation:
         torch.set_num_threads(cfg.threads)
         self.task = build_task(cfg)
         self.parts, self.ranks = client_layout(cfg, self.task, self.rule)
+        # The clients' held-out shares (--personal-holdout), as the clients hold them.
+        self.held = holdout_split(self.task.partition(), cfg.personal_holdout, cfg.seed)[1]
         self.model = adapted_model(self.task, cfg, self.ranks)
         self.init = initial_adapters(self.model, self.ranks, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.float64)
@@ -439,6 +460,25 @@ class Federation:
             scale = self.model.settings.scale(r)
             yield r, {n: _plus(s.readout(r, scale).delta(), merged[n]) for n, s in st.layers.items()}
 
+    def _evaluate_held_out(self, st: ServerState) -> dict[str, Any]:
+        """On each client's held-out share of its own data, the mean over clients of: the
+        global model's score ("eval_heldout_global") and, for personalised rules, the client's
+        own model's ("eval_heldout_personal")."""
+        clients = [i for i, h in enumerate(self.held) if len(h)]
+        with self.global_model(st) as m:
+            scores = [self.task.evaluate_examples(m, self.held[i]) for i in clients]
+        out = {"eval_heldout_global": _mean_scores(scores)}
+        if self.rule.reports_personal:
+            merged = _merged_deltas(st)
+            own_scores = []
+            for i in (i for i in clients if i in st.personal):  # a client never sampled has no model
+                own = st.personal[i]
+                deltas = {n: _plus(f.delta(), merged[n]) for n, f in own["factors"].items()}
+                with self.model.dense_update(deltas, own["rank"], own["head"]) as m:
+                    own_scores.append(self.task.evaluate_examples(m, self.held[i]))
+            out["eval_heldout_personal"] = _mean_scores(own_scores)
+        return out
+
     def _evaluate_personal(self, st: ServerState) -> dict[str, float]:
         """Mean over clients of each client's own model (its last trained factors and head)."""
         per_client = []
@@ -495,6 +535,8 @@ class Federation:
             record.update(self._evaluate(st))
             if self.rule.reports_personal and t == cfg.rounds:
                 record["eval_personal"] = self._evaluate_personal(st)
+            if cfg.personal_holdout > 0 and t == cfg.rounds:
+                record.update(self._evaluate_held_out(st))
         if t == cfg.rounds:
             self.export(st)
         merges = {n: m for n, s in st.layers.items() if (m := s.merge()) is not None}
@@ -599,12 +641,18 @@ class Federation:
             "final_global": last.get("eval"),
             "final_by_rank": last.get("eval_by_rank"),
             "final_personal": last.get("eval_personal"),
+            "final_heldout_global": last.get("eval_heldout_global"),
+            "final_heldout_personal": last.get("eval_heldout_personal"),
             "wall_seconds": st.elapsed,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "server_seconds_total": sum(r["server_seconds"] for r in rows),
         }
+
+
+def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([c[k] for c in scores])) for k in scores[0]}
 
 
 def _keep_personal(readout: LowRank, own: LowRank, personal: frozenset[str]) -> LowRank:

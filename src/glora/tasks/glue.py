@@ -113,16 +113,28 @@ class ClassificationTask(TaskFamily):
     @torch.no_grad()
     def eval_logits(self, model: nn.Module) -> torch.Tensor:
         """(n_eval, num_labels) float32 logits (regression: one column of scores) on the
-        evaluation split, in its order; batches sorted by length so padding stays small."""
+        evaluation split, in its order."""
+        return self._logits(model, self.eval.input_ids)
+
+    @torch.no_grad()
+    def _logits(self, model: nn.Module, input_ids: list[list[int]]) -> torch.Tensor:
+        """(n, num_labels) float32 logits of the given examples, in their order; batches sorted
+        by length so padding stays small."""
         model.eval()
-        order = np.argsort([len(x) for x in self.eval.input_ids], kind="stable")
+        order = np.argsort([len(x) for x in input_ids], kind="stable")
         out = torch.empty(len(order), self.spec.num_labels, dtype=torch.float32)
         device = next(model.parameters()).device
         for start in range(0, len(order), self.cfg.eval_batch_size):
             idx = order[start : start + self.cfg.eval_batch_size]
-            logits = model(**to_device(self.inputs([self.eval.input_ids[i] for i in idx]), device)).logits
+            logits = model(**to_device(self.inputs([input_ids[i] for i in idx]), device)).logits
             out[torch.as_tensor(idx)] = logits.float().cpu()
         return out
+
+    def evaluate_examples(self, model: nn.Module, indices: np.ndarray) -> dict[str, float]:
+        """Metrics on the given training examples (a client's held-out share)."""
+        logits = self._logits(model, [self.train.input_ids[i] for i in indices])
+        preds = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
+        return compute_metrics(self.spec, preds.numpy(), self.train.labels[torch.as_tensor(indices)].numpy())
 
     def predict(self, model: nn.Module) -> torch.Tensor:
         """(n_eval,) predicted labels (regression: scores) on the evaluation split, in its order."""
