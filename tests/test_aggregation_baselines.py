@@ -291,7 +291,7 @@ def test_florist_kept_rank_follows_the_energy_of_squared_singular_values(thresho
 
 def test_florist_defaults_to_the_authors_threshold_and_has_no_other_energy():
     assert get_rule("florist").threshold == 0.9
-    with pytest.raises(ValueError, match="rule 'florist': bad options"):
+    with pytest.raises(ValueError, match="rule 'florist': unknown option 'energy'"):
         get_rule("florist", energy="linear")
 
 

@@ -79,9 +79,9 @@ def test_unknown_rule_lists_the_registered_ones():
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="consensus must be 'projector' or 'energy'"):
+    with pytest.raises(ValueError, match="option consensus 'vote': allowed 'projector', 'energy'"):
         get_rule("glora", consensus="vote")
-    with pytest.raises(ValueError, match="rule 'glora': bad options"):
+    with pytest.raises(ValueError, match="rule 'glora': unknown option 'rnk'"):
         get_rule("glora", rnk=4)
 
 

@@ -15,6 +15,7 @@ from glora.aggregation.flora import FLoRA
 from glora.aggregation.florist import FLoRIST
 from glora.aggregation.glora import GLoRA
 from glora.aggregation.hetlora import HetLoRA
+from glora.aggregation.options import typed_options
 from glora.aggregation.params import average_params
 from glora.aggregation.reference import Centralized, LocalOnly
 from glora.aggregation.rolora import RoLoRA
@@ -36,15 +37,13 @@ RULES: dict[str, type[Rule]] = {
 
 
 def get_rule(name: str, **options) -> Rule:
-    """The rule registered as ``name``, built with its keyword options."""
+    """The rule registered as ``name``, built with its keyword options, each converted to the
+    type the rule declares (``"False"`` is False); ValueError for unknown options or values."""
     try:
         cls = RULES[name]
     except KeyError:
         raise ValueError(f"unknown rule {name!r}; available rules: {', '.join(sorted(RULES))}") from None
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise ValueError(f"rule {name!r}: bad options {sorted(options)}: {e}") from None
+    return cls(**typed_options(cls, options))
 
 
 __all__ = ["RULES", "ClientPlan", "LayerState", "Rule", "average_params", "get_rule", "normalize_weights"]

@@ -3,6 +3,7 @@ and a summary. Every table is built from these files, so each number traces to a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +134,67 @@ class RunStore:
             os.fsync(f.fileno())
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl. A torn last line (a crash while appending it: no final
+        newline, not JSON) is left out (:meth:`torn_metrics_line` says so); any other line that
+        is not JSON is a ValueError naming the file and line."""
         p = self.path(METRICS)
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        text = p.read_text()
+        lines = text.split("\n")
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if number == len(lines) and not text.endswith("\n"):
+                    break  # torn: the crash came mid-line; the round runs again
+                raise ValueError(f"{p}, line {number}: not a JSON metrics row ({e.msg}); the file is damaged") from None
+        return rows
+
+    def torn_metrics_line(self) -> bool:
+        """Whether metrics.jsonl ends in a partial line that :meth:`metrics` leaves out."""
+        p = self.path(METRICS)
+        if not p.exists():
+            return False
+        text = p.read_text()
+        last = text.rsplit("\n", 1)[-1]
+        if not last.strip():
+            return False
+        try:
+            json.loads(last)
+        except json.JSONDecodeError:
+            return True
+        return False
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder for this process (an exclusive lock on ``.lock``): a second
+        process that writes the same run is refused, naming the process that holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(".lock")
+        with path.open("a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise ValueError(
+                    f"{self.folder} is being written by {holder}: wait for it to finish, or stop it, or choose "
+                    "another --out"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} ({' '.join(sys.argv[:3])})")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def truncate_metrics(self, last_round: int) -> None:
         """Keep only rounds <= last_round (a crash between metrics and checkpoint repeats a round)."""
@@ -153,8 +213,15 @@ class RunStore:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path(CHECKPOINT)
-        # Our own file: LayerState objects are pickled dataclasses of tensors.
-        return torch.load(p, weights_only=False) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            # Our own file: LayerState objects are pickled dataclasses of tensors.
+            return torch.load(p, weights_only=False)
+        except Exception as e:  # a truncated or empty file raises pickle, zip or EOF errors
+            raise ValueError(
+                f"{p} is damaged ({type(e).__name__}); delete it to begin the run again from round 1, or restore it"
+            ) from None
 
     def save_updates(self, server_round: int, record: dict[str, Any]) -> None:
         """Store one round's client updates (``--record-updates``), atomically."""

@@ -9,6 +9,7 @@ never branches on a rule's name.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ from glora.aggregation import ClientPlan, LayerState, Rule, average_params, get_
 from glora.aggregation.base import FACTORS, leading, within_rank
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
-from glora.federation.results import ADAPTER, RunStore
+from glora.federation.results import ADAPTER, METRICS, RunStore
 from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
 from glora.models.backbones import POOLINGS
 from glora.models.device import device_kind, resolve_device
@@ -55,7 +56,7 @@ def check_config(cfg: RunConfig) -> Rule:
     """Everything that can be checked before loading data or models; returns the rule."""
     rule = get_rule(cfg.rule, **cfg.rule_options)
     resolve_device(cfg.device)
-    if cfg.alpha is not None and cfg.alpha <= 0:
+    if cfg.alpha is not None and not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
         raise ValueError(f"--alpha must be > 0 (Dirichlet concentration), got {cfg.alpha}; use --iid for IID")
     if cfg.rounds < 0:
         raise ValueError(f"--rounds must be >= 0 (0: evaluate the untuned backbone only), got {cfg.rounds}")
@@ -71,10 +72,17 @@ def check_config(cfg: RunConfig) -> Rule:
             raise ValueError(f"--{name} must be >= 1, got {value}")
     if not 0 < cfg.fraction <= 1:
         raise ValueError(f"--fraction must be in (0, 1], got {cfg.fraction}")
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-    if cfg.head_lr is not None and cfg.head_lr <= 0:
-        raise ValueError(f"--head-lr must be > 0, got {cfg.head_lr}")
+    for name, value in (("lr", cfg.lr), ("head-lr", cfg.head_lr), ("head-lr-ratio", cfg.head_lr_ratio)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
+    for name, value in (
+        ("max-train-examples", cfg.max_train_examples),
+        ("max-eval-examples", cfg.max_eval_examples),
+        ("threads", cfg.threads),
+        ("min-client-examples", cfg.min_client_examples),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
     if cfg.head_lr_ratio <= 0:
         raise ValueError(f"--head-lr-ratio must be > 0 (the head's lr over the factors'), got {cfg.head_lr_ratio}")
     if cfg.logit_adjustment < 0:
@@ -509,6 +517,11 @@ class Federation:
         self._setup()
         st = ServerState(head=self.model.get_head(self.ranks[0]))
         ckpt = store.load_checkpoint() if resume else None
+        if store.torn_metrics_line():
+            self.console.print(
+                f"[yellow]dropping the torn last line of {store.path(METRICS)} (a crash while writing it); "
+                "its round runs again[/yellow]"
+            )
         if ckpt is not None:
             st = ckpt["state"]
             if st.base_offsets is not None:
@@ -581,6 +594,10 @@ class Federation:
         return summary
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        with self.store.lock():
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
         st = self.begin(resume)
         prog = (

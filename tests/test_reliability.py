@@ -1,0 +1,91 @@
+"""Probes of a hostile user (issue #30), each kept as a test so that none can come back:
+typed rule options, numeric options checked up front, one writer per run folder, a torn
+metrics line recovered, a damaged checkpoint named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glora.aggregation import get_rule
+from glora.federation.config import RunConfig
+from glora.federation.results import RunStore
+from glora.federation.simulation import check_config
+
+
+def test_rule_options_are_typed_against_the_rule():
+    # "False" from the command line was a truthy string: merge-and-restart silently on.
+    assert check_config(RunConfig(rule_options={"restart": "False"})).restart is False
+    assert check_config(RunConfig(rule_options={"restart": "true"})).restart is True
+    rule = get_rule("glora", rank="16", dtype="float32", threshold="0.5")
+    assert (rule.rank, rule.dtype, rule.threshold) == (16, torch.float32, 0.5)
+    for options, words in (
+        ({"rank": "abc"}, "option rank 'abc': give an integer"),
+        ({"restart": "maybe"}, "option restart 'maybe': give true or false"),
+        ({"dtype": "int8"}, "give a floating torch dtype"),
+        ({"consensus": "vote"}, "allowed 'projector', 'energy'"),
+        ({"threshold": "nan"}, "give a finite number"),
+        ({"ranks": 4}, "unknown option 'ranks'; its options are rank, threshold"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            check_config(RunConfig(rule_options=options))
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"lr": float("nan")}, "--lr must be a finite number > 0"),
+        ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+        ({"head_lr": float("nan")}, "--head-lr must be a finite number > 0"),
+        ({"max_train_examples": -5}, "--max-train-examples must be >= 1"),
+        ({"threads": 0}, "--threads must be >= 1"),
+        ({"alpha": float("nan")}, "--alpha must be > 0"),
+    ],
+)
+def test_numeric_options_are_checked_before_anything_loads(change, words):
+    with pytest.raises(ValueError, match=words):
+        check_config(RunConfig(**change))
+
+
+def test_a_second_writer_of_one_run_folder_is_refused_naming_the_first(tmp_path):
+    store = RunStore(tmp_path / "run")
+    with store.lock():
+        proc = subprocess.run(
+            [sys.executable, "-m", "glora.cli", "run", "--out", str(tmp_path / "run"), "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 2
+    message = " ".join(proc.stderr.split())
+    assert "is being written by process" in message and "choose another --out" in message
+    with store.lock():  # released: the folder can be taken again
+        pass
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_any_other_damage_named(tmp_path):
+    store = RunStore(tmp_path)
+    rows = [{"round": 1, "x": 1.0}, {"round": 2, "x": 2.0}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    store.path("metrics.jsonl").write_text(text + '{"round": 3, "x"')  # a crash mid-append
+    assert store.metrics() == rows and store.torn_metrics_line()
+    store.truncate_metrics(2)  # what a resume does: the file is whole again
+    assert store.path("metrics.jsonl").read_text() == text and not store.torn_metrics_line()
+    store.path("metrics.jsonl").write_text(text.replace('{"round": 2', '{"round: 2') + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON metrics row"):
+        store.metrics()
+
+
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path):
+    store = RunStore(tmp_path)
+    store.path("checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is damaged"):
+        store.load_checkpoint()
+    store.save_checkpoint({"state": 1})
+    store.path("checkpoint.pt").write_bytes(store.path("checkpoint.pt").read_bytes()[:50])
+    with pytest.raises(ValueError, match="delete it to begin the run again"):
+        store.load_checkpoint()
