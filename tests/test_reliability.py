@@ -14,7 +14,8 @@ import torch
 from glora.aggregation import get_rule
 from glora.federation.config import RunConfig
 from glora.federation.results import RunStore
-from glora.federation.simulation import check_config
+from glora.federation.simulation import Federation, check_config
+from glora.models.backbones import resolve_backbone
 
 
 def test_rule_options_are_typed_against_the_rule():
@@ -89,3 +90,36 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path):
     store.path("checkpoint.pt").write_bytes(store.path("checkpoint.pt").read_bytes()[:50])
     with pytest.raises(ValueError, match="delete it to begin the run again"):
         store.load_checkpoint()
+
+
+def test_a_run_toml_of_wrong_types_is_one_error(tmp_path):
+    assert RunConfig.from_dict({"lr": "1e-3", "alpha": "iid"}).lr == 1e-3  # what TOML users write
+    assert RunConfig.from_dict({"alpha": "iid"}).alpha is None
+    for values, words in (
+        ({"rounds": "two"}, "option rounds 'two': give an integer"),
+        ({"alpha": "x"}, "give a number"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            RunConfig.from_dict(values)
+    toml = tmp_path / "run.toml"
+    toml.write_text('rounds = "two"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "glora.cli", "run", "--config", str(toml), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "option rounds 'two': give an integer" in " ".join(proc.stderr.split())
+
+
+def test_a_missing_backbone_folder_is_named():
+    with pytest.raises(ValueError, match="backbone folder /no/such/model does not exist"):
+        resolve_backbone("/no/such/model")
+
+
+def test_a_resume_refused_for_a_changed_config_names_the_change(tmp_path):
+    store = RunStore(tmp_path / "run")
+    old = RunConfig(rounds=3)
+    store.start(old.to_dict(), old.identity())
+    with pytest.raises(ValueError, match=r"changed: rounds 3 -> 4"):
+        Federation(RunConfig(rounds=4), tmp_path / "run", progress=False).begin(resume=True)

@@ -20,7 +20,8 @@ import torch
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-def _convert(value: Any, kind: Any, where: str) -> Any:
+def convert(value: Any, kind: Any, where: str) -> Any:
+    """``value`` as ``kind`` (see the module doc); ValueError saying ``where`` and what is allowed."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(kind)
@@ -29,7 +30,7 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:
-                return _convert(value, option, where)
+                return convert(value, option, where)
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0])
@@ -52,6 +53,8 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         except ValueError:
             raise ValueError(f"{where} {value!r}: give an integer") from None
     if kind is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value  # an int is a number already; kept as given (run identities hash the values)
         try:
             out = float(value)
         except (TypeError, ValueError):
@@ -79,5 +82,5 @@ def typed_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
         if name not in params:
             allowed = ", ".join(params) or "none"
             raise ValueError(f"rule {cls.name!r}: unknown option {name!r}; its options are {allowed}")
-        out[name] = _convert(value, hints.get(name, Any), f"rule {cls.name!r}: option {name}")
+        out[name] = convert(value, hints.get(name, Any), f"rule {cls.name!r}: option {name}")
     return out

@@ -127,7 +127,7 @@ def dirichlet_partition(
     if min_size * num_clients > n:
         raise ValueError(
             f"{num_clients} clients with at least min_size={min_size} examples each need {min_size * num_clients} "
-            f"examples, but there are {n}; lower min_size or use fewer clients"
+            f"examples, but there are {n}; lower min_size (--min-client-examples) or use fewer clients"
         )
     by_class = [np.flatnonzero(y == k) for k in np.unique(y)]
     rng = np.random.default_rng(seed)
@@ -137,7 +137,7 @@ def dirichlet_partition(
             return [np.sort(np.concatenate(c)).astype(np.int64) for c in draw[0]]
     raise ValueError(
         f"no Dirichlet split in {max_retries} draws gave each of {num_clients} clients at least {min_size} of "
-        f"{n} examples (alpha={alpha}); raise alpha, lower min_size, or use fewer clients"
+        f"{n} examples (alpha={alpha}); raise alpha, lower min_size (--min-client-examples), or use fewer clients"
     )
 
 

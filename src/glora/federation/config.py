@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,9 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
         d = {**task_defaults(d.get("task", cls.task), d), **d}
+        if d.get("alpha") in ("iid", ""):
+            d["alpha"] = None  # IID, as presets and the Flower config spell it
+        d = typed_fields(cls, d)
         for key in ("superni_train_tasks", "superni_test_tasks"):
             if isinstance(d.get(key), list):
                 d[key] = ",".join(d[key])
@@ -199,6 +203,22 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """Changed fields, nothing else: changing the task does not apply its defaults (use for_task)."""
         return dataclasses.replace(self, **changes)
+
+
+def typed_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` converted to the types the dataclass declares (a TOML ``lr = "1e-3"`` is a
+    float); ValueError naming the field, the value and the type for one that does not fit."""
+    import typing
+
+    from glora.aggregation.options import convert
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        kind = hints.get(name)
+        if kind in (bool, int, float) or typing.get_origin(kind) in (typing.Union, types.UnionType):
+            out[name] = convert(value, kind, f"option {name.replace('_', '-')}")
+    return out
 
 
 def task_defaults(task: str, given: dict[str, Any]) -> dict[str, Any]:

@@ -510,9 +510,16 @@ class Federation:
                 f"{store.folder} already holds a run; pass --resume to continue it or choose another --out"
             )
         if existing is not None and existing.get("identity") != cfg.identity():
+            saved = RunConfig.from_saved(existing).to_dict()
+            changed = [
+                f"{k.replace('_', '-')} {saved[k]!r} -> {v!r}"
+                for k, v in cfg.to_dict().items()
+                if saved.get(k) != v and k not in ("threads", "device", "data_dir", "record_updates")
+            ]
             raise ValueError(
-                f"{store.folder} holds a run with another config (identity {existing.get('identity')}, "
-                f"this one {cfg.identity()}); resume it with the same options or choose another --out"
+                f"{store.folder} holds a run with another config (identity {existing.get('identity')}, this one "
+                f"{cfg.identity()}; changed: {', '.join(changed) or 'nothing visible'}); resume it with the same "
+                "options or choose another --out"
             )
         self._setup()
         st = ServerState(head=self.model.get_head(self.ranks[0]))

@@ -83,6 +83,10 @@ def resolve_model(name: str, named: Mapping[str, Callable[[], Path]], kind: str)
         if not (Path(name) / "config.json").exists():
             raise ValueError(f"backbone folder {name} has no config.json: give a Hugging Face model folder")
         return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(
+            f"{kind} folder {name} does not exist: give a Hugging Face model folder or a hub id (org/name)"
+        )
     if "/" in name:
         return name  # a hub id, for users who are online
     options = ", ".join(repr(n) for n in named)
