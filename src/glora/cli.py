@@ -22,8 +22,22 @@ app = typer.Typer(
 )
 
 
+def _version(show: bool) -> None:
+    if show:
+        import glora
+        from glora.federation.results import git_commit
+
+        commit = git_commit()
+        typer.echo(f"glora {glora.__version__}" + (f" (git {commit})" if commit != "unknown" else ""))
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="The package version (and git commit of a checkout)."
+    ),
+) -> None:
     """glora: aggregate what the clients' adapters mean, not the factors that represent them."""
 
 
@@ -149,6 +163,11 @@ def run(
         False, "--random-gauge", help="Control: clients re-gauge their factors randomly before upload."
     ),
     rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scale lora_alpha / sqrt(r)."),
+    report_to: str | None = typer.Option(
+        None,
+        help="Also log each round to these trackers: none, tensorboard, mlflow, wandb (comma-separated; "
+        "metrics.jsonl stays the record; not part of the run's identity). [default: none]",
+    ),
     record_updates: bool = typer.Option(
         False,
         "--record-updates",
@@ -328,6 +347,7 @@ def run(
         "input_column": input_column,
         "response_column": response_column,
         "min_client_examples": min_client_examples,
+        "report_to": report_to,
         "personal_holdout": personal_holdout,
         "superni_tasks_per_client": superni_tasks_per_client,
         "superni_train_tasks": superni_train_tasks,
@@ -344,6 +364,7 @@ def run(
         "superni_by_category": superni_by_category,
         "record_updates": record_updates,
     }
+    folder: Path | None = None
     try:
         if superni_eval_tasks is not None:
             given["superni_eval_tasks"] = _count_or_all("--superni-eval-tasks", superni_eval_tasks)
@@ -367,7 +388,31 @@ def run(
     except (ValueError, FileNotFoundError) as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        if folder is not None:
+            _interrupted(folder, out)
+        raise typer.Exit(130) from None
     print_summary(summary, folder)
+
+
+def _interrupted(folder: Path, out: Path | None) -> None:
+    """What Ctrl-C leaves, and the exact command that continues it."""
+    import shlex
+    import sys
+
+    from rich.console import Console
+
+    from glora.federation.results import RunStore
+
+    rows = RunStore(folder).metrics() if folder.exists() else []
+    args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+    args += ["--out", str(folder)] if out is None else []
+    done = f"rounds up to {rows[-1]['round']} are saved" if rows else "no round had finished"
+    Console(stderr=True).print(
+        f"[yellow]interrupted[/yellow]: {done} in {folder}; continue from the last checkpoint with:\n"
+        f"  {shlex.join(['glora', *args])}",
+        soft_wrap=True,
+    )
 
 
 def _count_or_all(option: str, text: str) -> int | None:
@@ -412,6 +457,9 @@ def sweep(
         help="Results folder of a tuning sweep (e.g. lr-tuning): its chosen learning rate per task, picked on "
         "held-out training data, replaces the preset's in every run.",
     ),
+    report_to: str = typer.Option(
+        "", help="Log every run to these trackers too (tensorboard, mlflow, wandb; one tracked run per grid cell)."
+    ),
     lr_per_rule: bool = typer.Option(
         False,
         "--lr-per-rule",
@@ -445,6 +493,7 @@ def sweep(
             lr_from=lr_from,
             reuse_from=_csv(reuse_from, Path),
             lr_per_rule=lr_per_rule,
+            report_to=report_to,
         )
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}")

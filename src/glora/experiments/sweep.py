@@ -430,6 +430,7 @@ def sweep_command(
     lr_from: Path | None = None,
     reuse_from: list[Path] | None = None,
     lr_per_rule: bool = False,
+    report_to: str = "",
 ) -> SweepOutcome | None:
     """``glora sweep``: load, expand, then list (dry run) or run. Returns None for a dry run.
     ``lr_from``: a tuning sweep's results folder whose chosen rate per task replaces the
@@ -448,6 +449,9 @@ def sweep_command(
         # Threads are not part of a run's identity: they change its speed, not its result.
         for run in runs:
             run.config = run.config.replace(threads=threads)
+    if report_to:
+        for run in runs:  # trackers are not part of a run's identity either
+            run.config = run.config.replace(report_to=report_to)
     results_dir = results or Path("runs") / "sweeps" / preset.name
     if dry_run:
         print_plan(runs, results_dir, Console() if console is None else console)
@@ -466,6 +470,8 @@ def sweep_command(
             parts += [flag, ",".join(str(v) for v in values)]
     if lr_per_rule:
         parts.append("--lr-per-rule")
+    if report_to:
+        parts += ["--report-to", report_to]
     console = console or Console(stderr=True)
     if reuse_from:
         linked = reuse_finished(runs, results_dir, reuse_from)
@@ -474,7 +480,9 @@ def sweep_command(
         outcome = run_sweep(preset, runs, results_dir, shlex.join(parts), progress=progress, console=console)
     except KeyboardInterrupt:
         console.print(
-            "[yellow]interrupted[/yellow]: finished runs are kept; the same command resumes from the last checkpoint"
+            "[yellow]interrupted[/yellow]: finished runs are kept; this command resumes from the last checkpoint:\n"
+            f"  {shlex.join(parts)}",
+            soft_wrap=True,
         )
         raise
     console.print(

@@ -43,7 +43,7 @@ _ADDED_FIELDS: dict[str, Any] = {
 
 
 # Fields that say where and how a run is computed or what it keeps, never what it computes.
-_NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates")
+_NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates", "report_to")
 
 
 @dataclass
@@ -106,6 +106,9 @@ class RunConfig:
     # folder, for `glora replay`: other rules aggregated on identical inputs. Not part of a
     # run's identity (it changes what is kept, not what is computed).
     record_updates: bool = False
+    # Trackers that also get each round's metrics (glora.tracking): "tensorboard", "mlflow",
+    # "wandb", comma-separated; "" none. Not part of a run's identity.
+    report_to: str = ""
     # Your own data (task "classification" or "instructions"): a file, a folder of split
     # files, or a hub id, read with the `datasets` library (glora.tasks.dataset_files).
     dataset: str = ""

@@ -33,6 +33,7 @@ from glora.models.backbones import POOLINGS
 from glora.models.device import device_kind, resolve_device
 from glora.models.lora import AdaptedModel, adapter_name, export_adapter
 from glora.tasks import FederatedTask, build_task, task_class
+from glora.tracking import Tracker, flatten, open_trackers, parse_report_to
 
 
 @dataclass
@@ -98,6 +99,7 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(
             f"--pooling applies to classification heads; task {cfg.task!r} generates text: leave it at cls"
         )
+    parse_report_to(cfg.report_to)
     if not 0 <= cfg.personal_holdout < 1:
         raise ValueError(f"--personal-holdout must be in [0, 1), got {cfg.personal_holdout}")
     if cfg.personal_holdout > 0 and not hasattr(family, "evaluate_examples"):
@@ -374,6 +376,7 @@ class Federation:
         self.store = RunStore(Path(out_dir))
         self.console = console or Console(stderr=True)
         self.progress = progress
+        self.trackers: list[Tracker] = []
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -568,6 +571,8 @@ class Federation:
         st.round = t
         st.elapsed = time.perf_counter() - self.started
         self.store.append_metrics(record)
+        for tracker in self.trackers:
+            tracker.log(t, flatten(record))
         self.store.save_checkpoint({"state": st, "config": cfg.to_dict()})
 
     def evaluate_untuned(self, st: ServerState) -> None:
@@ -602,11 +607,16 @@ class Federation:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         with self.store.lock():
-            return self._run(resume)
+            try:
+                return self._run(resume)
+            finally:
+                for tracker in self.trackers:
+                    tracker.close()
 
     def _run(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
         st = self.begin(resume)
+        self.trackers = open_trackers(parse_report_to(cfg.report_to), self.store.folder, cfg.to_dict())
         prog = (
             Progress(
                 TextColumn("{task.description}"),
