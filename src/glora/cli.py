@@ -574,6 +574,7 @@ def replay(
     ),
     threads: int = typer.Option(1, help="torch CPU threads."),
     title: str = typer.Option("Replayed server steps", help="Title of report.md."),
+    only_settings: str | None = typer.Option(None, help="Only the runs of these settings, comma-separated."),
 ) -> None:
     """Replay every server rule and GLoRA variant on the same recorded client updates: distance
     to the exact mean, the global model's loss and metric, cost. Run folders are only read; rows
@@ -585,7 +586,12 @@ def replay(
     try:
         rows_file = out / "rows.jsonl"
         written = replay_sweep(
-            results_dir, rows_file, _csv(rounds, int), max_eval_examples=max_eval_examples, threads=threads
+            results_dir,
+            rows_file,
+            _csv(rounds, int),
+            max_eval_examples=max_eval_examples,
+            threads=threads,
+            settings=_csv(only_settings),
         )
         if not rows_file.exists():
             raise ValueError(f"{results_dir} has no finished run to replay yet")

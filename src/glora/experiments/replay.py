@@ -197,9 +197,10 @@ def replay_sweep(
     candidates: Sequence[Candidate] = CANDIDATES,
     max_eval_examples: int | None = None,
     threads: int = 1,
+    settings: Sequence[str] | None = None,
 ) -> int:
-    """Replay ``rounds`` of every finished run of a sweep folder (whose runs recorded their
-    updates) into the JSON-lines file ``out``, one row per (run, round, candidate) labelled
+    """Replay ``rounds`` of every finished run of a sweep folder (of ``settings`` only, if
+    given; its runs recorded their updates) into the JSON-lines file ``out``, one row per (run, round, candidate) labelled
     with the run's setting and seed. Rows are appended and a run already in ``out`` is
     skipped, so an interrupted replay continues; the run folders are only read. Returns the
     number of rows written."""
@@ -208,7 +209,7 @@ def replay_sweep(
         done = {json.loads(line)["run"] for line in out.read_text().splitlines() if line.strip()}
     written = 0
     for run in load_results(results_dir).finished():
-        if run.identity in done:
+        if run.identity in done or (settings and run.labels[0]["setting"] not in settings):
             continue
         replay = Replay(Path(results_dir) / run.identity, max_eval_examples, threads)
         missing = sorted(set(rounds) - set(replay.store.recorded_rounds()))
