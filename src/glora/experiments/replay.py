@@ -200,8 +200,8 @@ def replay_sweep(
     settings: Sequence[str] | None = None,
 ) -> int:
     """Replay ``rounds`` of every finished run of a sweep folder (of ``settings`` only, if
-    given; its runs recorded their updates) into the JSON-lines file ``out``, one row per (run, round, candidate) labelled
-    with the run's setting and seed. Rows are appended and a run already in ``out`` is
+    given; its runs recorded their updates) into the JSON-lines file ``out``, one row per
+    (run, round, candidate) labelled with the run's setting and seed. Rows are appended and a run already in ``out`` is
     skipped, so an interrupted replay continues; the run folders are only read. Returns the
     number of rows written."""
     done = set()
