@@ -297,3 +297,18 @@ def test_a_variant_column_is_compared_with_its_partner_seed_by_seed(results):
     assert "| variant | against column | glora | fedit |" in section
     assert "| s1-2x: glora | s1 | +0.0350 ± 0.0071 (2; ahead on 2) | +0.0250 ± 0.0212 (2; ahead on 2) |" in section
     assert "centralized" not in section
+
+
+def test_majority_line_is_the_most_frequent_label_of_the_scored_split():
+    from pathlib import Path
+
+    import numpy as np
+
+    from glora.data.glue import load_glue
+    from glora.experiments.statistics import majority_score
+    from glora.experiments.sweep_results import load_results
+
+    res = load_results(Path(__file__).resolve().parents[1] / "results" / "sweeps" / "data-heterogeneity")
+    labels = np.array([r["label"] for r in load_glue("sst2", "validation")])
+    assert majority_score(res, "sst2", "iid", "accuracy") == pytest.approx(np.bincount(labels).max() / len(labels))
+    assert majority_score(res, "cola", "iid", "matthews_correlation") == 0.0  # a constant prediction

@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from glora.experiments.statistics import Stat, cost_stats, curve, final_stat, personal, ranks_of
+from glora.experiments.statistics import Stat, cost_stats, curve, final_stat, majority_score, personal, ranks_of
 from glora.experiments.sweep_results import REFERENCES, Results
 
 
@@ -91,32 +91,56 @@ def plot_by_rank(res: Results, task: str, setting: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+# Rules whose curves coincide (every rule at the majority class, say) stay told apart by
+# their markers and a small horizontal offset each.
+MARKERS = "osD^vP*Xh<>p"
+OFFSET = 0.06  # rounds between neighbouring rules' points
+
+
 def plot_curves(res: Results, task: str, setting: str, path: Path) -> Path | None:
     metric = res.main_metric(task)
     colors = _colors(res)
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4.4))
     ax = fig.subplots()
-    drawn = False
-    for rule in res.axis("rules"):
+    drawn, left_out = [], []
+    rules = list(res.axis("rules"))
+    for i, rule in enumerate(rules):
         if personal(rule):
+            left_out.append(rule)
             continue
         rounds, stats = curve(res, task, setting, rule, metric)
         if not rounds:
             continue
+        shift = (i - (len(rules) - 1) / 2) * OFFSET
+        x = [t + shift for t in rounds]
         mean = [s.mean for s in stats]
         std = [s.std or 0.0 for s in stats]
         style = "--" if rule in REFERENCES else "-"
-        ax.plot(rounds, mean, style, marker="o", markersize=3, color=colors[rule], label=rule)
+        marker = MARKERS[i % len(MARKERS)]
+        ax.plot(x, mean, style, marker=marker, markersize=4, color=colors[rule], label=rule)
         lower = [m - s for m, s in zip(mean, std, strict=True)]
         upper = [m + s for m, s in zip(mean, std, strict=True)]
-        ax.fill_between(rounds, lower, upper, color=colors[rule], alpha=0.15, linewidth=0)
-        drawn = True
+        ax.fill_between(x, lower, upper, color=colors[rule], alpha=0.15, linewidth=0)
+        drawn.append(rule)
     if not drawn:
         return None
+    notes = []
+    chance = majority_score(res, task, setting, metric)
+    if chance is not None:
+        ax.axhline(chance, color="black", linestyle=":", linewidth=1, label="majority class")
+    else:
+        notes.append("no majority-class line: the evaluation labels are not readable here")
+    if left_out:
+        notes.append(
+            f"not drawn: {', '.join(left_out)} (personalised: no global model a round; their scores are in the tables)"
+        )
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{metric} (global model)")
     ax.set_title(f"{task}, {setting}: {metric} against round")
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes), fontsize="x-small", ha="left", va="bottom", wrap=True)
+        fig.subplots_adjust(bottom=0.2)
     _legend(fig, ax)
     return _save(fig, path)
 

@@ -147,3 +147,34 @@ def ranks_of(res: Results, task: str, setting: str) -> list[str]:
 
 def compute_seconds(runs: list[Run]) -> float:
     return float(sum(r.summary["wall_seconds"] for r in runs))
+
+
+def majority_score(res: Results, task: str, setting: str, metric: str) -> float | None:
+    """``metric`` of always predicting the most frequent label of the evaluation split the
+    cell's runs were scored on (the validation split or the held-out slice), by the same
+    metric code as the runs; None where the data cannot be read here or a run's task has no
+    class labels. A rule whose curve sits on this line has learned nothing but the prior."""
+    import numpy as np
+
+    from glora.data import glue
+    from glora.data.metrics import compute_metrics
+
+    runs = res.runs_of(task, setting)
+    if not runs or task not in glue.task_names():
+        return None
+    cfg = runs[0].config
+    spec = glue.get_task(task)
+    if spec.is_regression:
+        return None
+    try:
+        if cfg.get("eval_split", "validation") == "heldout":
+            rows = glue.load_glue(task, "train", cfg.get("data_dir"))
+            order = np.random.default_rng(0).permutation(len(rows))  # the slice ClassificationTask holds out
+            rows = [rows[i] for i in sorted(order[: cfg.get("heldout_examples", 1000)].tolist())]
+        else:
+            rows = glue.load_glue(task, "validation", cfg.get("data_dir"))
+    except (ValueError, OSError):
+        return None
+    labels = np.array([r["label"] for r in rows][: cfg.get("max_eval_examples") or None])
+    majority = np.bincount(labels).argmax()
+    return compute_metrics(spec, np.full(len(labels), majority), labels).get(metric)
