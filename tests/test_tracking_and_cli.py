@@ -107,3 +107,9 @@ def test_ctrl_c_prints_the_command_that_resumes(tmp_path):
 def test_version_names_the_package():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("glora 0.1.0")
+
+
+def test_help_shows_what_each_argument_is():
+    for command, words in (("sweep", "A packaged preset"), ("table", "Run folders"), ("report", "--results folder")):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert words in " ".join(result.output.replace("│", " ").split()), command

@@ -444,7 +444,7 @@ def sweep(
     preset: str = typer.Argument(
         ..., help=f"A packaged preset ({', '.join(_packaged_presets())}) or a path to a preset TOML file."
     ),
-    results: Path | None = typer.Option(None, help="Results folder. [default: runs/sweeps/<preset name>]"),
+    results: Path | None = typer.Option(None, help="Results folder. [default: runs/sweeps/PRESET-NAME]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, their status and the estimated time."),
     seeds: str | None = typer.Option(None, help="Only these of the preset's seeds, comma-separated (e.g. 0)."),
     only_rules: str | None = typer.Option(None, help="Only these rules, comma-separated."),
