@@ -377,12 +377,15 @@ class Federation:
         self.console = console or Console(stderr=True)
         self.progress = progress
         self.trackers: list[Tracker] = []
+        self._bar: Progress | None = None  # the run's progress display while rounds run
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
-        self.task = build_task(cfg)
+        loading = self.console.status(f"loading {cfg.task} and {cfg.backbone}...") if self.progress else nullcontext()
+        with loading:
+            self.task = build_task(cfg)
         self.parts, self.ranks = client_layout(cfg, self.task, self.rule)
         # The clients' held-out shares (--personal-holdout), as the clients hold them.
         self.held = holdout_split(self.task.partition(), cfg.personal_holdout, cfg.seed)[1]
@@ -443,17 +446,23 @@ class Federation:
         FlexLoRA's mean of rank up to the sum of theirs), so that no rule is scored only on a
         model no client holds."""
         out: dict[str, Any] = {}
+        ranks = sorted(set(self.ranks)) if self.cfg.eval_ranks else []
+        # A line in the run's progress display: evaluations (generation above all) take minutes.
+        bar = self._bar
+        task_id = bar.add_task("  evaluating: global model", total=1 + len(ranks)) if bar is not None else None
         with self.global_model(st) as m:
             out["eval"] = self.task.evaluate(m)
-        if not self.cfg.eval_ranks:
-            return out
         by_rank = {}
-        total = {n: s.delta() for n, s in st.layers.items()} if len(set(self.ranks)) == 1 else None
-        for r, deltas in self.received_deltas(st):
+        total = {n: s.delta() for n, s in st.layers.items()} if len(ranks) == 1 else None
+        for r, deltas in self.received_deltas(st) if ranks else ():
+            if bar is not None:
+                bar.update(task_id, advance=1, description=f"  evaluating: a rank-{r} client's model")
             if total is not None and all(torch.allclose(deltas[n], total[n], rtol=1e-5, atol=1e-9) for n in total):
                 continue  # the clients' one rank receives the global model itself
             with self.model.dense_update(deltas, self.ranks[0], st.head) as m:
                 by_rank[str(r)] = self.task.evaluate(m)
+        if bar is not None:
+            bar.remove_task(task_id)
         if by_rank:
             out["eval_by_rank"] = by_rank
         return out
@@ -635,6 +644,7 @@ class Federation:
             self.console.print(eval_line(0, self.store.metrics()[-1], self.task.main_metric))
         with prog as bar:
             bar = bar if self.progress else None
+            self._bar = bar
             rounds_id = (
                 bar.add_task(f"{cfg.rule} on {cfg.task}: rounds", total=cfg.rounds, completed=st.round)
                 if bar is not None
@@ -648,6 +658,7 @@ class Federation:
                     bar.advance(rounds_id)
                     if "eval" in record:
                         bar.console.print(eval_line(t, record, self.task.main_metric))
+        self._bar = None
         return self.finish(st)
 
     def export(self, st: ServerState) -> None:
