@@ -147,7 +147,7 @@ def test_numbers_equal_a_hand_computation(results):
     # Cells with one seed in common (s2's fedit, either centralized column) are left out.
     paired = _section(md, "## glora against each rule, seed by seed")
     assert "| against | s1 | s2 |" in paired
-    assert "| fedit | -0.0033 ± 0.0231 (3; ahead on 2) |  |" in paired
+    assert "| fedit | -0.0033 [-0.0607, +0.0540] tie (3; ahead on 2) |  |" in paired
     assert "centralized" not in paired
 
 
@@ -185,10 +185,10 @@ def test_mean_of_the_last_evaluations(results):
     assert "| glora | **0.8600 ± 0.0100** (3) | **0.6550 ± 0.0071** (2) |" in table
     assert "| fedit | 0.7117 ± 0.0153 (3) | 0.6525 (1) |" in table
     assert "fedsa-lora" not in table
-    # Seed by seed on the same numbers: 0.155, 0.135, 0.155 -> +0.1483 ± 0.0115, ahead on all 3;
+    # Seed by seed on the same numbers: 0.155, 0.135, 0.155 -> +0.1483, 95% interval clear of 0;
     # the final-round comparison above is unchanged.
-    assert "| fedit | +0.1483 ± 0.0115 (3; ahead on 3) |  |" in last
-    assert "| fedit | -0.0033 ± 0.0231 (3; ahead on 2) |  |" in final
+    assert "| fedit | +0.1483 [+0.1196, +0.1770] ahead (3; ahead on 3) |  |" in last
+    assert "| fedit | -0.0033 [-0.0607, +0.0540] tie (3; ahead on 2) |  |" in final
     # Without --last-evals the report has no such section; 0 is refused.
     assert "Mean of the last" not in markdown(load_results(results), {})
     with pytest.raises(ValueError, match="--last-evals must be 1 or more"):
@@ -295,7 +295,10 @@ def test_a_variant_column_is_compared_with_its_partner_seed_by_seed(results):
     # mean 0.035, sample std 0.0070711, ahead on both. Against s1's fedit (0.79, 0.85): +0.04,
     # +0.01 -> mean 0.025, std 0.0212132. The centralized run shares one seed only: left out.
     assert "| variant | against column | glora | fedit |" in section
-    assert "| s1-2x: glora | s1 | +0.0350 ± 0.0071 (2; ahead on 2) | +0.0250 ± 0.0212 (2; ahead on 2) |" in section
+    assert (
+        "| s1-2x: glora | s1 | +0.0350 [-0.0285, +0.0985] tie (2; ahead on 2) | +0.0250 [-0.1656, +0.2156] tie "
+        "(2; ahead on 2) |" in section
+    )
     assert "centralized" not in section
 
 
@@ -312,3 +315,18 @@ def test_majority_line_is_the_most_frequent_label_of_the_scored_split():
     labels = np.array([r["label"] for r in load_glue("sst2", "validation")])
     assert majority_score(res, "sst2", "iid", "accuracy") == pytest.approx(np.bincount(labels).max() / len(labels))
     assert majority_score(res, "cola", "iid", "matthews_correlation") == 0.0  # a constant prediction
+
+
+def test_the_gate_names_a_table_that_cannot_rank_and_ranks_nothing_in_it():
+    """CoLA under the old protocol: FedIT at MCC 0 under IID, the majority class's score."""
+    from pathlib import Path
+
+    from glora.experiments.report import gate, markdown
+    from glora.experiments.sweep_results import load_results
+
+    res = load_results(Path(__file__).resolve().parents[1] / "results" / "sweeps" / "data-heterogeneity")
+    assert gate(res, "sst2")[0] is True
+    passes, words = gate(res, "cola")
+    assert passes is False and "not informative" in words and "fedit 0.0000" in words
+    cola = markdown(res, {}).split("## cola")[1].split("\n## ")[0]
+    assert "**" not in cola.split("| rule |")[1].split("\n\n")[0]  # no cell bolded as best

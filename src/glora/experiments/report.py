@@ -21,6 +21,7 @@ from glora.experiments.statistics import (
     cost_stats,
     final_stat,
     last_rounds,
+    majority_score,
     mixes_devices,
     paired_stat,
     personal,
@@ -147,7 +148,9 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
         settings = res.settings_of(task)
         out.append(f"\n## {task}: {metric}\n\n")
         out.append(_provenance(res, res.runs_of(task=task)) + "\n")
-        rows = _metric_rows(res, task, settings, res.axis("rules"), metric)
+        passes, verdict = gate(res, task)
+        out.append(f"\nSanity gate (results/sweeps/PROTOCOL.md): {verdict}.\n\n")
+        rows = _metric_rows(res, task, settings, res.axis("rules"), metric, rank=passes is not False)
         out.append(_table(["rule", *settings], rows))
         if f"final/{task}" in plots:
             out.append(f"\n![final {metric} on {task}]({plots[f'final/{task}']})\n")
@@ -178,11 +181,49 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
     return "".join(out)
 
 
+# The sanity gate of results/sweeps/PROTOCOL.md: how far above the majority class the
+# centralized reference and FedIT under IID must score for a table to rank anything.
+GATE_MARGIN = {"accuracy": 0.05, "f1": 0.05, "f1_macro": 0.05}
+GATE_MARGIN_CORRELATION = 0.10
+
+
+def gate(res: Results, task: str) -> tuple[bool | None, str]:
+    """(passes, the verdict in words) of a task's tables: None where the sweep has no IID
+    setting with both the centralized reference and FedIT, or no majority-class score."""
+    metric = res.main_metric(task)
+    iid = [
+        s
+        for s in res.settings_of(task)
+        if res.cell(task, s, "fedit") and all(run.config.get("alpha") is None for _, run in res.cell(task, s, "fedit"))
+    ]
+    checked = []
+    for setting in iid:
+        majority = majority_score(res, task, setting, metric)
+        refs = {r: final_stat(res, task, setting, r, metric) for r in ("centralized", "fedit")}
+        if majority is None or any(v is None for v in refs.values()):
+            continue
+        margin = GATE_MARGIN.get(metric, GATE_MARGIN_CORRELATION)
+        passes = all(v.mean >= majority + margin for v in refs.values())
+        scores = ", ".join(f"{r} {v.mean:.4f}" for r, v in refs.items())
+        checked.append((passes, f"{setting}: {scores}; majority class {majority:.4f}, margin {margin:.2f}"))
+    if not checked:
+        return None, "not checked (no IID column with the centralized reference and FedIT, or no majority score)"
+    passes = all(p for p, _ in checked)
+    words = "informative" if passes else "**not informative**: no rule is ranked in this task's tables"
+    return passes, f"{words} ({'; '.join(text for _, text in checked)})"
+
+
 def _metric_rows(
-    res: Results, task: str, settings: list[str], rules: list[str], metric: str, last: int | None = None
+    res: Results,
+    task: str,
+    settings: list[str],
+    rules: list[str],
+    metric: str,
+    last: int | None = None,
+    rank: bool = True,
 ) -> list[list[str]]:
     stats = {(s, r): final_stat(res, task, s, r, metric, last=last) for s in settings for r in rules}
-    best = {s: _best({r: stats[s, r] for r in rules}) for s in settings}
+    best = {s: _best({r: stats[s, r] for r in rules}) if rank else set() for s in settings}
     return [
         [_rule_name(r), *(fmt(stats[s, r], r in best[s], mixes_devices(res, task, s, r)) for s in settings)]
         for r in rules
@@ -277,9 +318,10 @@ def _paired_section(res: Results, anchor: str = "glora", min_seeds: int = 2) -> 
         return ""
     head = (
         f"\n## {anchor} against each rule, seed by seed\n\nEach cell: {anchor}'s final metric minus the rule's, "
-        f"mean ± sample standard deviation over the seeds both finished (n), and on how many of them {anchor} "
-        "came out ahead. A seed fixes the partition, the sampled clients and the initial adapters for every "
-        "rule, so this spread is the rules' own, without the splits' (which can dominate the tables above). "
+        "mean and paired 95% t-interval over the seeds both finished (n), in words: ahead, behind, or a tie "
+        f"where the interval holds 0; and on how many seeds {anchor} came out ahead. A seed fixes the "
+        "partition, the sampled clients and the initial adapters for every rule, so this spread is the rules' "
+        "own, without the splits' (which can dominate the tables above). "
         f"Only cells with at least {min_seeds} seeds in common.\n"
     )
     return head + "".join(out)
@@ -319,10 +361,17 @@ def _last_section(res: Results, last: int, anchor: str = "glora", min_seeds: int
 
 
 def _fmt_pair(pair: tuple[Stat, int] | None) -> str:
+    """The paired difference: mean, its 95% t-interval and the verdict in words (an interval
+    holding 0 is a tie), with the seeds (n) and on how many the first rule came out ahead."""
     if pair is None:
         return ""
     stat, ahead = pair
-    return f"{stat.mean:+.4f} ± {stat.std:.4f} ({stat.n}; ahead on {ahead})"
+    interval = stat.interval()
+    if interval is None:
+        return f"{stat.mean:+.4f} ({stat.n}; ahead on {ahead})"
+    lo, hi = interval
+    word = "tie" if lo <= 0 <= hi else ("ahead" if lo > 0 else "behind")
+    return f"{stat.mean:+.4f} [{lo:+.4f}, {hi:+.4f}] {word} ({stat.n}; ahead on {ahead})"
 
 
 def _cost_section(res: Results, plots: dict[str, str]) -> str:
