@@ -163,6 +163,33 @@ def run(
         False, "--random-gauge", help="Control: clients re-gauge their factors randomly before upload."
     ),
     rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scale lora_alpha / sqrt(r)."),
+    dtype: str | None = typer.Option(
+        None,
+        help="The frozen base's dtype: float32, bfloat16, float16 (LoRA factors and the head stay float32). "
+        "[default: float32]",
+        rich_help_panel="Real-size clients",
+    ),
+    load_in_4bit: bool = typer.Option(
+        False, "--load-in-4bit", help="NF4 base (bitsandbytes, CUDA), as QLoRA.", rich_help_panel="Real-size clients"
+    ),
+    load_in_8bit: bool = typer.Option(
+        False, "--load-in-8bit", help="8-bit base (bitsandbytes, CUDA).", rich_help_panel="Real-size clients"
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        False,
+        "--gradient-checkpointing",
+        help="Recompute activations in the backward pass (memory for time; not part of a run's identity).",
+        rich_help_panel="Real-size clients",
+    ),
+    grad_accum_steps: int | None = typer.Option(
+        None,
+        help="Micro-batches per optimizer step (effective batch = --batch-size x this; --local-steps counts "
+        "optimizer steps). [default: 1]",
+        rich_help_panel="Real-size clients",
+    ),
+    max_grad_norm: float | None = typer.Option(
+        None, help="Clip each step's gradient norm. [default: none]", rich_help_panel="Real-size clients"
+    ),
     report_to: str | None = typer.Option(
         None,
         help="Also log each round to these trackers: none, tensorboard, mlflow, wandb (comma-separated; "
@@ -347,6 +374,9 @@ def run(
         "input_column": input_column,
         "response_column": response_column,
         "min_client_examples": min_client_examples,
+        "dtype": dtype,
+        "grad_accum_steps": grad_accum_steps,
+        "max_grad_norm": max_grad_norm,
         "report_to": report_to,
         "personal_holdout": personal_holdout,
         "superni_tasks_per_client": superni_tasks_per_client,
@@ -363,6 +393,9 @@ def run(
         "rslora": rslora,
         "superni_by_category": superni_by_category,
         "record_updates": record_updates,
+        "load_in_4bit": load_in_4bit,
+        "load_in_8bit": load_in_8bit,
+        "gradient_checkpointing": gradient_checkpointing,
     }
     folder: Path | None = None
     try:

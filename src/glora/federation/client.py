@@ -41,6 +41,8 @@ def local_train(
     on_step: Callable[[], None] | None = None,
     logit_bias: torch.Tensor | None = None,
     penalty: Callable[[], torch.Tensor | None] | None = None,
+    grad_accum_steps: int = 1,
+    max_grad_norm: float | None = None,
 ) -> list[float]:
     """Train in place; returns the loss of every step. ``seed`` fixes batches and dropout.
 
@@ -49,6 +51,10 @@ def local_train(
     penalty: called at every step; a tensor it returns is added to the loss that is minimised
     (a rule's regulariser, e.g. HetLoRA's), None adds nothing. The losses returned leave it
     out, so that they stay comparable across rules.
+    grad_accum_steps: micro-batches of ``batch_size`` per optimizer step (``steps`` counts
+    optimizer steps; the effective batch is batch_size x grad_accum_steps); each step's loss
+    is the mean over its micro-batches. max_grad_norm: clip the gradient norm of every step
+    (None: no clipping). Returns one loss per optimizer step.
     """
     torch.manual_seed(seed)
     groups = [{"params": list(lora_params), "lr": lr}]
@@ -62,18 +68,26 @@ def local_train(
         logit_bias = logit_bias.to(device)
     model.train()
     losses = []
-    for idx in batch_indices(indices, batch_size, steps, seed):
-        batch = to_device(make_batch(idx), device)
-        if logit_bias is None:
-            loss = model(**batch).loss
-        else:
-            labels = batch.pop("labels")
-            loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias, labels)
-        extra = penalty() if penalty is not None else None
-        (loss if extra is None else loss + extra).backward()
+    trained = [p for group in groups for p in group["params"]]
+    batches = batch_indices(indices, batch_size, steps * grad_accum_steps, seed)
+    for _ in range(steps):
+        total = 0.0
+        for _ in range(grad_accum_steps):
+            batch = to_device(make_batch(next(batches)), device)
+            if logit_bias is None:
+                loss = model(**batch).loss
+            else:
+                labels = batch.pop("labels")
+                loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias, labels)
+            extra = penalty() if penalty is not None else None
+            objective = loss if extra is None else loss + extra
+            (objective / grad_accum_steps if grad_accum_steps > 1 else objective).backward()
+            total += float(loss.detach())
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(total / grad_accum_steps)
         if on_step is not None:
             on_step()
     model.eval()

@@ -39,11 +39,16 @@ _ADDED_FIELDS: dict[str, Any] = {
     "input_column": "",
     "response_column": "",
     "personal_holdout": 0.0,
+    "dtype": "float32",
+    "load_in_4bit": False,
+    "load_in_8bit": False,
+    "grad_accum_steps": 1,
+    "max_grad_norm": None,
 }
 
 
 # Fields that say where and how a run is computed or what it keeps, never what it computes.
-_NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates", "report_to")
+_NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates", "report_to", "gradient_checkpointing")
 
 
 @dataclass
@@ -100,6 +105,16 @@ class RunConfig:
     seed: int = 0
     threads: int = 2
     device: str = "auto"  # "auto": CUDA when available, else the CPU; or any torch device name
+    # Real-size clients (glora.models.precision): the frozen base's dtype or quantization (the
+    # LoRA factors and the head stay float32), activation checkpointing, and micro-batches per
+    # optimizer step (the effective batch is batch_size x grad_accum_steps; local_steps counts
+    # optimizer steps). max_grad_norm: clip each step's gradient norm (None: no clipping).
+    dtype: str = "float32"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    gradient_checkpointing: bool = False
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = None
     data_dir: str | None = None
     data_source: str = "local"  # or "hub"
     # Store every round's client updates (factors, weights, heads) under updates/ in the run

@@ -32,6 +32,7 @@ from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
 from glora.models.backbones import POOLINGS
 from glora.models.device import device_kind, resolve_device
 from glora.models.lora import AdaptedModel, adapter_name, export_adapter
+from glora.models.precision import check_precision
 from glora.tasks import FederatedTask, build_task, task_class
 from glora.tracking import Tracker, flatten, open_trackers, parse_report_to
 
@@ -49,8 +50,16 @@ class ServerState:
 
 
 def adapted_model(task: FederatedTask, cfg: RunConfig, ranks: list[int]) -> AdaptedModel:
-    """The task's backbone on the run's device, with a LoRA adapter for each of ``ranks``."""
-    return AdaptedModel(task.model.to(resolve_device(cfg.device)), task.lora, ranks)
+    """The task's backbone on the run's device, with a LoRA adapter for each of ``ranks``
+    (and activation checkpointing with ``--gradient-checkpointing``). A quantized base is
+    placed by its loader and not moved."""
+    model = task.model
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        model = model.to(resolve_device(cfg.device))
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: the frozen base's inputs need no gradient for the adapters to get one.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return AdaptedModel(model, task.lora, ranks)
 
 
 def check_config(cfg: RunConfig) -> Rule:
@@ -100,6 +109,15 @@ def check_config(cfg: RunConfig) -> Rule:
             f"--pooling applies to classification heads; task {cfg.task!r} generates text: leave it at cls"
         )
     parse_report_to(cfg.report_to)
+    check_precision(cfg.dtype, cfg.load_in_4bit, cfg.load_in_8bit, cfg.device)
+    if cfg.grad_accum_steps < 1:
+        raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
+    if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):
+        raise ValueError(
+            f"--max-grad-norm must be a finite number > 0 (or unset: no clipping), got {cfg.max_grad_norm}"
+        )
+    if cfg.dtype != "float32" and family.has_head and cfg.pooling != "mean":
+        raise ValueError(f"--dtype {cfg.dtype} needs --pooling mean for a classifier (its head stays float32)")
     if not 0 <= cfg.personal_holdout < 1:
         raise ValueError(f"--personal-holdout must be in [0, 1), got {cfg.personal_holdout}")
     if cfg.personal_holdout > 0 and not hasattr(family, "evaluate_examples"):
@@ -256,6 +274,8 @@ def train_client(
         on_step=on_step,
         logit_bias=cfg.logit_adjustment * task.log_label_prior(indices) if cfg.logit_adjustment else None,
         penalty=penalty,
+        grad_accum_steps=cfg.grad_accum_steps,
+        max_grad_norm=cfg.max_grad_norm,
     )
     trained = {n: leading(f, k) for n, f in model.get_factors(r).items()}
     kept_rank = rule.pruned_rank({n: leading(f, k) for n, f in start.items()}, trained)

@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -106,11 +107,15 @@ def encoder_config(model):
     return model.encoder.config if isinstance(model, MeanPooledClassifier) else model.config
 
 
-def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "cls"):
+def load_classifier(
+    name: str, num_labels: int, seed: int = 0, pooling: str = "cls", base: dict[str, Any] | None = None
+):
     """(model, tokenizer) for sequence classification; the new head is initialised from ``seed``.
 
     num_labels = 1 gives a regression head (STS-B). pooling "cls": the backbone's own
     classification head; "mean": :class:`~glora.models.mean_pooled.MeanPooledClassifier`.
+    ``base``: ``from_pretrained`` arguments of the encoder's dtype or quantization
+    (glora.models.precision.loading_kwargs; mean pooling only: its head stays float32).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -127,11 +132,13 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "c
 
         from glora.models.mean_pooled import MeanPooledClassifier, MeanPooledConfig, new_head
 
-        encoder = AutoModel.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path, **(base or {}))
         head = new_head(encoder.config, num_labels)  # drawn right after the encoder loads, as every run so far
         config = MeanPooledConfig(backbone=encoder.config.to_dict(), num_labels=num_labels)
         model = MeanPooledClassifier(config, encoder=encoder, classifier=head).eval()  # as from_pretrained returns
     else:
+        if base and base.get("dtype", torch.float32) != torch.float32:
+            raise ValueError("--dtype and --load-in-4bit/8bit apply to --pooling mean (its head stays float32)")
         problem = "regression" if num_labels == 1 else "single_label_classification"
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, problem_type=problem)
     tokenizer = AutoTokenizer.from_pretrained(path)

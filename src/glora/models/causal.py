@@ -86,12 +86,14 @@ def resolve_causal_lm(name_or_path: str) -> str:
     return resolve_model(name_or_path, {"smollm2": smollm2_folder}, "generative backbone")
 
 
-def load_causal_lm(name_or_path: str = "smollm2", dtype: str = "float32"):
+def load_causal_lm(name_or_path: str = "smollm2", dtype: str = "float32", base: dict | None = None):
     """(model, tokenizer) of a causal language model, ready for batched generation.
 
     The tokenizer pads on the left (prompts end where generation starts) and always has a
     pad token (the end-of-sequence token when the model defines none). ``dtype`` is a torch
-    dtype name; float32 on CPU, bfloat16 is the usual choice on a GPU.
+    dtype name; float32 on CPU, bfloat16 is the usual choice on a GPU. ``base``: the
+    ``from_pretrained`` arguments of a dtype or quantization (glora.models.precision), which
+    take the place of ``dtype``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,7 +104,7 @@ def load_causal_lm(name_or_path: str = "smollm2", dtype: str = "float32"):
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}: use a torch dtype name such as 'float32' or 'bfloat16'")
     path = resolve_causal_lm(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, **(base or {"dtype": getattr(torch, dtype)}))
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -105,7 +105,16 @@ class AdaptedModel:
         self.layers: dict[str, LoraLayer] = {
             _short(name): m for name, m in self.peft.named_modules() if isinstance(m, LoraLayer)
         }
-        self._original = {n: m.base_layer.weight.detach().clone() for n, m in self.layers.items()}
+        # A float32 base takes merges into its weights (exactly as merging does). A base in
+        # reduced precision or quantized would round them away or cannot hold them: there the
+        # merged updates live beside it, float32, added to the layer's output in forward.
+        self.exact_base = all(m.base_layer.weight.dtype == torch.float32 for m in self.layers.values())
+        if self.exact_base:
+            self._original = {n: m.base_layer.weight.detach().clone() for n, m in self.layers.items()}
+        else:
+            self._offsets: dict[str, Tensor | None] = dict.fromkeys(self.layers)
+            for n, m in self.layers.items():
+                m.base_layer.register_forward_hook(self._offset_hook(n))
 
     # -- factors -----------------------------------------------------------------------------
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
@@ -167,8 +176,30 @@ class AdaptedModel:
     def head_parameters(self, rank: int) -> list[nn.Parameter]:
         return [p for mod in self._head_modules(rank).values() for p in mod.parameters()]
 
+    def _offset_hook(self, name: str):
+        """Forward hook of a reduced-precision base layer: its output plus x @ offset^T."""
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            offset = self._offsets[name]
+            if offset is None:
+                return output
+            return output + nn.functional.linear(inputs[0].to(offset.dtype), offset).to(output.dtype)
+
+        return hook
+
+    def _shift(self, name: str, delta: Tensor) -> None:
+        """Add ``delta`` (d_out, d_in) to a layer's float32 offset."""
+        w = self.layers[name].base_layer.weight
+        d = delta.to(w.device, torch.float32)
+        self._offsets[name] = d.clone() if self._offsets[name] is None else self._offsets[name] + d
+
     def add_to_base(self, merges: Mapping[str, LowRank | Tensor]) -> None:
-        """Merge updates into the frozen base weights, for good (FLoRA, FedEx-LoRA, restarts)."""
+        """Merge updates into the frozen base, for good (FLoRA, FedEx-LoRA, restarts): into
+        a float32 base's weights, beside any other base (never written into it)."""
+        if not self.exact_base:
+            for n, d in merges.items():
+                self._shift(n, d.delta() if isinstance(d, LowRank) else d)
+            return
         with torch.no_grad():
             for n, d in merges.items():
                 w = self.layers[n].base_layer.weight
@@ -176,9 +207,19 @@ class AdaptedModel:
 
     def base_offsets(self) -> dict[str, Tensor]:
         """What has been merged into each base weight so far (for checkpoints)."""
+        if not self.exact_base:
+            return {
+                n: (o.cpu() if o is not None else torch.zeros(m.base_layer.weight.shape))
+                for (n, o), m in zip(self._offsets.items(), self.layers.values(), strict=True)
+            }
         return {n: (m.base_layer.weight.detach() - self._original[n]).cpu() for n, m in self.layers.items()}
 
     def set_base_offsets(self, offsets: Mapping[str, Tensor]) -> None:
+        if not self.exact_base:
+            self._offsets = dict.fromkeys(self.layers)
+            for n in self.layers:
+                self._shift(n, offsets[n])
+            return
         with torch.no_grad():
             for n, m in self.layers.items():
                 m.base_layer.weight.copy_(self._original[n] + offsets[n].to(self._original[n].device))
@@ -192,12 +233,16 @@ class AdaptedModel:
         This is how the global model (base + the state's full update) is evaluated whatever
         the rank of that update; the base weights are restored exactly afterwards.
         """
-        saved = {n: self.layers[n].base_layer.weight.detach().clone() for n in deltas}
+        exact = self.exact_base
+        saved = {n: self.layers[n].base_layer.weight.detach().clone() for n in deltas} if exact else dict(self._offsets)
         self.set_head(head_rank, head)
         self.peft.set_adapter(adapter_name(head_rank))
         try:
             with torch.no_grad():
                 for n, d in deltas.items():
+                    if not exact:
+                        self._shift(n, d)
+                        continue
                     w = self.layers[n].base_layer.weight
                     w.add_(d.to(w.device, w.dtype))
             # Only the LoRA layers are switched off: peft's disable_adapter() would also
@@ -208,9 +253,12 @@ class AdaptedModel:
         finally:
             for m in self.layers.values():
                 m.enable_adapters(True)
-            with torch.no_grad():
-                for n, w in saved.items():
-                    self.layers[n].base_layer.weight.copy_(w)
+            if not exact:
+                self._offsets = saved
+            else:
+                with torch.no_grad():
+                    for n, w in saved.items():
+                        self.layers[n].base_layer.weight.copy_(w)
 
 
 def _host(p: Tensor) -> Tensor:

@@ -66,6 +66,7 @@ class MeanPooledClassifier(PreTrainedModel):
 
     config_class = MeanPooledConfig
     base_model_prefix = "encoder"
+    supports_gradient_checkpointing = True
 
     def __init__(
         self, config: MeanPooledConfig, encoder: nn.Module | None = None, classifier: nn.Linear | None = None
@@ -101,7 +102,8 @@ class MeanPooledClassifier(PreTrainedModel):
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        logits = self.classifier(self.dropout(pooled))
+        # A reduced-precision encoder feeds the float32 head (a no-op for a float32 encoder).
+        logits = self.classifier(self.dropout(pooled).to(self.classifier.weight.dtype))
         loss = None
         if labels is not None:
             if self.num_labels == 1:

@@ -14,6 +14,7 @@ from torch import nn
 from glora.federation.config import RunConfig
 from glora.models.export import ExportInfo
 from glora.models.lora import LoraSettings
+from glora.models.precision import loading_kwargs
 
 
 class FederatedTask(Protocol):
@@ -76,3 +77,8 @@ def lora_settings(cfg: RunConfig, head_modules: tuple[str, ...] = ()) -> LoraSet
         rslora=cfg.rslora,
         head_modules=head_modules,
     )
+
+
+def base_kwargs(cfg: RunConfig) -> dict:
+    """``from_pretrained`` arguments of the run's base dtype or quantization."""
+    return loading_kwargs(cfg.dtype, cfg.load_in_4bit, cfg.load_in_8bit)

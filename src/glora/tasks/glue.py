@@ -18,7 +18,7 @@ from glora.federation.config import RunConfig
 from glora.models.backbones import encoder_config, load_classifier, resolve_backbone
 from glora.models.device import to_device
 from glora.models.export import ExportInfo, hub_id
-from glora.tasks.base import TaskFamily, lora_settings
+from glora.tasks.base import TaskFamily, base_kwargs, lora_settings
 
 # A training row's natural client (``--partition-column``), carried through the row filters.
 GROUP = "_group"
@@ -55,7 +55,7 @@ class ClassificationTask(TaskFamily):
             raise ValueError(f"--clients {cfg.clients} is more than the {len(train_rows)} training examples")
         self.groups = np.array([r[GROUP] for r in train_rows]) if train_rows and GROUP in train_rows[0] else None
         self.model, self.tokenizer = load_classifier(
-            self.backbone_path, self.spec.num_labels, seed=cfg.seed, pooling=cfg.pooling
+            self.backbone_path, self.spec.num_labels, seed=cfg.seed, pooling=cfg.pooling, base=base_kwargs(cfg)
         )
         self.train = glue.tokenize_task(self.spec, train_rows, self.tokenizer, cfg.max_length, split="train")
         self.eval = glue.tokenize_task(self.spec, eval_rows, self.tokenizer, cfg.max_length, split="validation")
@@ -106,9 +106,10 @@ class ClassificationTask(TaskFamily):
         return ExportInfo(hub_id(self.cfg.backbone), "SEQ_CLS", self.spec.num_labels, labels)
 
     def fresh_model(self) -> nn.Module:
-        return load_classifier(self.backbone_path, self.spec.num_labels, seed=self.cfg.seed, pooling=self.cfg.pooling)[
-            0
-        ]
+        cfg = self.cfg
+        return load_classifier(
+            self.backbone_path, self.spec.num_labels, seed=cfg.seed, pooling=cfg.pooling, base=base_kwargs(cfg)
+        )[0]
 
     @torch.no_grad()
     def eval_logits(self, model: nn.Module) -> torch.Tensor:

@@ -37,7 +37,7 @@ from glora.federation.config import RunConfig
 from glora.models.causal import load_causal_lm, resolve_causal_lm
 from glora.models.export import ExportInfo, hub_id
 from glora.models.generate import generate
-from glora.tasks.base import TaskFamily, lora_settings
+from glora.tasks.base import TaskFamily, base_kwargs, lora_settings
 from glora.tasks.classification import check_dataset_options
 from glora.tasks.superni import SUPERNI_DEFAULTS
 
@@ -77,7 +77,7 @@ class InstructionTask(TaskFamily):
             partition_column=cfg.partition_column,
         )
         self.backbone_path = resolve_causal_lm(cfg.backbone)
-        self.model, self.tokenizer = load_causal_lm(self.backbone_path)
+        self.model, self.tokenizer = load_causal_lm(self.backbone_path, base=base_kwargs(self.cfg))
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.lora = lora_settings(cfg)
         rows = splits.train
@@ -160,7 +160,7 @@ class InstructionTask(TaskFamily):
         }
 
     def fresh_model(self) -> nn.Module:
-        return load_causal_lm(self.backbone_path)[0]
+        return load_causal_lm(self.backbone_path, base=base_kwargs(self.cfg))[0]
 
     @property
     def export_info(self) -> ExportInfo:

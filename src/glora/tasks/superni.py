@@ -33,7 +33,7 @@ from glora.federation.config import RunConfig
 from glora.models.causal import load_causal_lm, resolve_causal_lm
 from glora.models.export import ExportInfo, hub_id
 from glora.models.generate import generate
-from glora.tasks.base import TaskFamily, lora_settings
+from glora.tasks.base import TaskFamily, base_kwargs, lora_settings
 
 # Defaults that differ from the dataclass's (GLUE's): the SmolLM2 backbone with LoRA on its
 # attention projections, clients split by task (no label skew), and a budget sized for this
@@ -141,7 +141,7 @@ class SuperNITask(TaskFamily):
         task_lists(cfg, data)  # unknown names and leakage are refused before the model loads
 
         self.backbone_path = resolve_causal_lm(cfg.backbone)
-        self.model, self.tokenizer = load_causal_lm(self.backbone_path)
+        self.model, self.tokenizer = load_causal_lm(self.backbone_path, base=base_kwargs(self.cfg))
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.lora = lora_settings(cfg)
 
@@ -221,7 +221,7 @@ class SuperNITask(TaskFamily):
         return collate_for_training([self.train[i] for i in indices], self.pad_id)
 
     def fresh_model(self) -> nn.Module:
-        return load_causal_lm(self.backbone_path)[0]
+        return load_causal_lm(self.backbone_path, base=base_kwargs(self.cfg))[0]
 
     @property
     def export_info(self) -> ExportInfo:
