@@ -20,9 +20,9 @@ def test_head_lr_is_the_ratio_times_lr_unless_given():
     assert cfg.replace(lr=1e-3).effective_head_lr() == pytest.approx(1e-2)  # the ratio follows a tuned lr
     assert cfg.replace(head_lr=1e-4).effective_head_lr() == 1e-4  # an explicit rate wins
     assert RunConfig.for_task("superni").head_lr_ratio == 1.0  # no head there: the inert value
-    with pytest.raises(ValueError, match="head-lr-ratio must be > 0"):
+    with pytest.raises(ValueError, match="head-lr-ratio must be a finite number > 0"):
         check_config(RunConfig(head_lr_ratio=0.0))
-    with pytest.raises(ValueError, match="head-lr must be > 0"):
+    with pytest.raises(ValueError, match="head-lr must be a finite number > 0"):
         check_config(RunConfig(head_lr=-1e-3))
 
 
