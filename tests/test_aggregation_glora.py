@@ -33,14 +33,27 @@ def test_exact_weighted_mean_when_server_rank_covers_all_clients(unequal, sides)
     assert rel_err(state.delta(), weighted_mean(ups, w)) < 1e-12
 
 
-def test_default_rank_projects_the_mean_onto_the_consensus_subspace(unequal):
+def test_max_rank_projects_the_mean_onto_the_consensus_subspace(unequal):
     ups, w = unequal
-    state = get_rule("glora").aggregate(ups, w)  # R = largest client rank = 8 < 17
+    state = get_rule("glora", rank="max").aggregate(ups, w)  # R = largest client rank = 8 < 17
     mean = weighted_mean(ups, w)
     U = state.Ub
     assert U.shape[1] == 8
     assert rel_err(state.delta(), U @ U.T @ mean) < 1e-12
     assert rel_err(state.delta(), mean) > 1e-3  # a real projection, not the mean
+
+
+def test_default_rank_is_the_sum_of_client_ranks_capped_at_64(unequal):
+    """The replay's pre-registered choice: with few clients the exact mean, with many the top
+    consensus directions of it, at most 64."""
+    ups, w = unequal  # ranks 2, 4, 8, 3: sum 17
+    assert rel_err(get_rule("glora").aggregate(ups, w).delta(), weighted_mean(ups, w)) < 1e-12
+    capped = get_rule("glora", rank="sum<=10").aggregate(ups, w)
+    assert capped.Ub.shape[1] == 10
+    assert get_rule("glora", rank="2max").aggregate(ups, w).Ub.shape[1] == 16
+    for bad in ("sum<=0", "sum<=x", "most", 0):
+        with pytest.raises(ValueError, match="glora: rank"):
+            get_rule("glora", rank=bad)
 
 
 def test_projector_consensus_prefers_shared_directions_over_energy():
@@ -166,14 +179,14 @@ def test_keep_tail_leaves_a_state_its_clients_did_not_move_unchanged(batched, mo
     progress): with keep_tail the round returns the previous state; as published, it keeps
     only sum_i w_i trunc_{r_i}(state), so the directions beyond rank 2 shrink."""
     ranks, w = [2, 4, 8, 16], [3.0, 1.0, 2.0, 4.0]
-    start = get_rule("glora").aggregate(make_updates(ranks, d_out=96, d_in=80), w)
+    start = get_rule("glora", rank="max").aggregate(make_updates(ranks, d_out=96, d_in=80), w)
     assert start.rank == 16
     scale = 2.0
     received = [start.readout(r, scale) for r in ranks]
     weights = torch.tensor(w, dtype=torch.float64) / sum(w)
     truncated_mean = sum(wi * start.truncated(r, scale).delta() for wi, r in zip(weights, ranks, strict=True))
     for keep_tail, expected in ((True, start.delta()), (False, truncated_mean)):
-        rule = get_rule("glora", keep_tail=keep_tail)
+        rule = get_rule("glora", rank="max", keep_tail=keep_tail)
         if batched:  # the route a whole model takes; it must not fall back to layer by layer
             monkeypatch.setattr(rule, "aggregate", lambda *a, **k: pytest.fail("not batched"))
             state = rule.aggregate_layers({"q": received}, w, previous={"q": start})["q"]

@@ -25,7 +25,7 @@ def test_rule_options_are_typed_against_the_rule():
     rule = get_rule("glora", rank="16", dtype="float32", threshold="0.5")
     assert (rule.rank, rule.dtype, rule.threshold) == (16, torch.float32, 0.5)
     for options, words in (
-        ({"rank": "abc"}, "option rank 'abc': give an integer"),
+        ({"rank": "abc"}, "glora: rank 'abc': give an int >= 1, 'max', '2max', 'sum' or 'sum<=N'"),
         ({"restart": "maybe"}, "option restart 'maybe': give true or false"),
         ({"dtype": "int8"}, "give a floating torch dtype"),
         ({"consensus": "vote"}, "allowed 'projector', 'energy'"),

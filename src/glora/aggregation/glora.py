@@ -15,9 +15,9 @@ Per layer, all in low-rank form; no (d_out, d_in) matrix is ever built:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -50,11 +50,38 @@ class _Stacked:
     w: Tensor
 
 
+def server_rank_policy(rank: int | str | None) -> Callable[[list[int]], int]:
+    """The server rank R as a function of the round's client ranks; ValueError for a bad spec."""
+    if rank is None or rank == "max":
+        return max
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        if rank < 1:
+            raise ValueError(f"glora: rank must be >= 1, got {rank}")
+        return lambda ranks: rank
+    if rank == "2max":
+        return lambda ranks: 2 * max(ranks)
+    if rank == "sum":
+        return sum
+    if isinstance(rank, str) and rank.startswith("sum<="):
+        try:
+            cap = int(rank.removeprefix("sum<="))
+        except ValueError:
+            cap = 0
+        if cap >= 1:
+            return lambda ranks: min(sum(ranks), cap)
+    raise ValueError(f"glora: rank {rank!r}: give an int >= 1, 'max', '2max', 'sum' or 'sum<=N'")
+
+
 class GLoRA(Rule):
     """Gauge-aware server representation for federated LoRA.
 
     Options (method.md):
-    rank: server rank R (default: the largest client rank); with ``threshold``, the cap.
+    rank: server rank R: an int, or a policy over the round's client ranks: "max" (the
+        largest, method.md's choice and this class's default until the replay of
+        results/replay), "2max", "sum", or "sum<=N" (their sum, at most N). Default
+        "sum<=64", chosen by the pre-registered replay (results/replay/README.md): with few
+        clients the state is the exact weighted mean, with many the top-64 consensus
+        directions of it. With ``threshold``, the cap.
     threshold: keep every consensus direction whose eigenvalue of the weighted projector
         average is >= threshold (for "energy", relative to the largest), at most ``rank``.
     consensus: "projector" (agreement) or "energy" (what a dense SVD would rank by).
@@ -78,10 +105,13 @@ class GLoRA(Rule):
     """
 
     name = "glora"
+    # The option values that runs recorded before a default changed meant by leaving the
+    # option out (see RunConfig.from_saved): R was the largest client rank.
+    legacy_options: ClassVar[dict[str, object]] = {"rank": "max"}
 
     def __init__(
         self,
-        rank: int | None = None,
+        rank: int | str | None = "sum<=64",
         threshold: float | None = None,
         consensus: Consensus = "projector",
         sides: int = 1,
@@ -93,8 +123,7 @@ class GLoRA(Rule):
         rtol: float = DEFAULT_RTOL,
         seed: int = 0,
     ) -> None:
-        if rank is not None and rank < 1:
-            raise ValueError(f"glora: rank must be >= 1 or None (largest client rank), got {rank}")
+        self._policy = server_rank_policy(rank)
         if threshold is not None and not 0 < threshold <= 1:
             raise ValueError(f"glora: threshold must be in (0, 1], got {threshold}")
         if consensus not in ("projector", "energy"):
@@ -114,7 +143,7 @@ class GLoRA(Rule):
     def _aggregate(self, updates: list[LowRank], weights: Tensor, previous: LayerState | None) -> SpectralState:
         updates = self._with_tails(updates, previous)
         stacked = self._stack(updates, weights)
-        R = self.rank or max(u.rank for u in updates)
+        R = self._policy([u.rank for u in updates])
         prev = previous if isinstance(previous, SpectralState) and self.memory > 0 else None
         U = self._basis(stacked.X, stacked, R, None if prev is None else (prev.Ub, prev.lam))
         coeff = (U.T @ stacked.X) * (stacked.w * stacked.sig)  # (R, Q): w_i U^T X_i diag(sig_i)
@@ -165,7 +194,7 @@ class GLoRA(Rule):
         with torch.no_grad():
             for (d_out, d_in, ranks, _), names in batches.items():
                 w = normalize_weights(weights, len(ranks))
-                R = self.rank or max(ranks)
+                R = self._policy(list(ranks))
                 opts = Options(R, self.threshold, self.consensus == "energy", self.sides, self.rtol)
                 per_layer = sum(ranks) * (d_out + (d_in if self.sides == 2 else 0)) * self.dtype.itemsize
                 size = max(1, CHUNK_BYTES // per_layer)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from glora.aggregation.base import ClientPlan
 from glora.aggregation.fedit import FedIT
 from glora.aggregation.glora import GLoRA
@@ -32,6 +34,8 @@ class LocalOnly(GLoRA):
     def __init__(self) -> None:
         # A server rank no client set can reach: the state is the exact mean, any ranks.
         super().__init__(rank=1 << 20)
+
+    legacy_options: ClassVar[dict[str, object]] = {}  # no options: it always holds the exact mean
 
     def client_plan(self, server_round: int) -> ClientPlan:
         return ClientPlan(send=frozenset(), personal=frozenset({"A", "B"}), share_head=False)

@@ -53,11 +53,11 @@ class Candidate:
 # The pre-registered candidates (results/replay/PREREGISTRATION.md): GLoRA's variants, the
 # top-R reference and the baselines whose clients train and send B and A.
 CANDIDATES: tuple[Candidate, ...] = (
-    Candidate("glora R=max", "glora"),
+    Candidate("glora R=max", "glora", lambda r: {"rank": "max"}),
     Candidate("glora R=2max", "glora", lambda r: {"rank": 2 * max(r)}),
     Candidate("glora R=sum<=64", "glora", lambda r: {"rank": min(sum(r), 64)}),
     Candidate("glora thr0.25,R<=2max", "glora", lambda r: {"rank": 2 * max(r), "threshold": 0.25}),
-    Candidate("glora energy,R=max", "glora", lambda r: {"consensus": "energy"}),
+    Candidate("glora energy,R=max", "glora", lambda r: {"rank": "max", "consensus": "energy"}),
     Candidate("top-R of mean", "flexlora", readout_rank=max),
     Candidate("fedit", "fedit"),
     Candidate("flora", "flora"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import tomllib
 import types
@@ -161,8 +162,11 @@ class RunConfig:
         return self.head_lr if self.head_lr is not None else self.lr * self.head_lr_ratio
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values, as config.json stores them. A rule option whose default changed is
+        written out (its current default where not given), so a saved run says what it ran."""
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["rule_options"] = effective_rule_options(self.rule, self.rule_options)
         return d
 
     def identity(self) -> str:
@@ -173,6 +177,7 @@ class RunConfig:
             for k, v in self.to_dict().items()
             if k not in _NOT_IDENTITY and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])
         }
+        payload["rule_options"] = identity_rule_options(self.rule, self.rule_options)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
@@ -201,6 +206,9 @@ class RunConfig:
         """The config a run folder's config.json records. A field added after the run was
         saved is absent there and meant its inert value then, not today's default."""
         d = {k: v for k, v in d.items() if k != "identity"}
+        rule = d.get("rule", cls.rule)
+        # A rule option whose default changed after the run was saved meant its old value then.
+        d["rule_options"] = {**_legacy_options(rule), **d.get("rule_options", {})}
         return cls.from_dict({**{k: v for k, v in _ADDED_FIELDS.items() if k not in d}, **d})
 
     @staticmethod
@@ -221,6 +229,35 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """Changed fields, nothing else: changing the task does not apply its defaults (use for_task)."""
         return dataclasses.replace(self, **changes)
+
+
+def _legacy_options(rule: str) -> dict[str, Any]:
+    """The options whose default changed after runs of ``rule`` were recorded, at the value that
+    leaving them out meant then (:attr:`Rule.legacy_options`)."""
+    from glora.aggregation import RULES
+
+    return dict(getattr(RULES.get(rule), "legacy_options", {}))
+
+
+def identity_rule_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The rule options a run's identity hashes: the options as the rule will read them (a
+    changed default made explicit, so a run under the new default has a new identity), less
+    those at their legacy value (so every run recorded before the change keeps its identity)."""
+    legacy = _legacy_options(rule)
+    effective = effective_rule_options(rule, options)
+    return {k: v for k, v in effective.items() if not (k in legacy and v == legacy[k])}
+
+
+def effective_rule_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with every option whose default changed (:attr:`Rule.legacy_options`) at the
+    value the rule will use: given, or the rule's current default."""
+    from glora.aggregation import RULES
+
+    legacy = _legacy_options(rule)
+    if not legacy:
+        return dict(options)
+    defaults = inspect.signature(RULES[rule].__init__).parameters
+    return {**{k: defaults[k].default for k in legacy}, **options}
 
 
 def typed_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
