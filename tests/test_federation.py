@@ -222,7 +222,7 @@ def test_equal_ranks_are_scored_at_the_rank_clients_receive_where_it_differs(tmp
     cfg = SMALL.replace(ranks="4", rounds=1)
     flex = run_federation_rows(cfg.replace(rule="flexlora"), tmp_path / "flex")
     assert set(flex["eval_by_rank"]) == {"4"}  # absent before: equal ranks were scored globally only
-    assert "eval_by_rank" not in run_federation_rows(cfg, tmp_path / "glora")
+    assert "eval_by_rank" not in run_federation_rows(cfg.replace(rule_options={"rank": "max"}), tmp_path / "glora")
 
 
 def run_federation_rows(cfg, folder):

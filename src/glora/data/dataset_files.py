@@ -87,9 +87,7 @@ def looks_like_a_path(text: str) -> bool:
     )
 
 
-def read_splits(
-    source: str, validation_fraction: float = 0.1, config: str = "", revision: str = "", data_source: str = "local"
-) -> Splits:
+def read_splits(source: str, validation_fraction: float = 0.1, config: str = "", revision: str = "") -> Splits:
     """The training and validation rows of ``source`` (see the module doc)."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -111,7 +109,7 @@ def read_splits(
     elif looks_like_a_path(source):
         raise ValueError(f"--dataset {source}: no such file or folder")
     else:
-        train, validation = _read_hub(source, config, revision, data_source)
+        train, validation = _read_hub(source, config, revision)
     if not train:
         raise ValueError(f"--dataset {source}: the training split has no rows")
     if not validation:
@@ -119,7 +117,7 @@ def read_splits(
     return Splits(train, validation, list(train[0]), str(source))
 
 
-def _read_hub(name: str, config: str, revision: str, data_source: str) -> tuple[list[dict], list[dict]]:
+def _read_hub(name: str, config: str, revision: str) -> tuple[list[dict], list[dict]]:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise ValueError(
             f"--dataset {name} is not a local file or folder, and the hub is off (HF_HUB_OFFLINE): "

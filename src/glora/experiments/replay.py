@@ -149,8 +149,9 @@ class Replay:
         weights = [float(w) for w in record["weights"]]
         ranks = [f.rank for f in next(iter(updates.values()))]
         offsets = record["base_offsets"]
-        if offsets is not None:
-            self.model.set_base_offsets(offsets)
+        shapes = self.model.layer_shapes()
+        self.model.set_base_offsets(offsets or {n: torch.zeros(shape) for n, shape in shapes.items()})
+        self._scores = {}  # scores hold for this round's base and head only
         head = average_params(record["heads"], weights)
         mean = exact_mean(updates, weights)
         for c in candidates:

@@ -49,7 +49,7 @@ _ADDED_FIELDS: dict[str, Any] = {
 
 
 # Fields that say where and how a run is computed or what it keeps, never what it computes.
-_NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates", "report_to", "gradient_checkpointing")
+NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates", "report_to", "gradient_checkpointing")
 
 
 @dataclass
@@ -175,7 +175,7 @@ class RunConfig:
         payload = {
             k: v
             for k, v in self.to_dict().items()
-            if k not in _NOT_IDENTITY and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])
+            if k not in NOT_IDENTITY and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])
         }
         payload["rule_options"] = identity_rule_options(self.rule, self.rule_options)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from glora.aggregation import ClientPlan, LayerState, Rule, average_params, get_rule
 from glora.aggregation.base import FACTORS, leading, within_rank
 from glora.federation.client import local_train
-from glora.federation.config import RunConfig
+from glora.federation.config import NOT_IDENTITY, RunConfig
 from glora.federation.results import ADAPTER, METRICS, RunStore
 from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
 from glora.models.backbones import POOLINGS
@@ -54,8 +54,11 @@ def adapted_model(task: FederatedTask, cfg: RunConfig, ranks: list[int]) -> Adap
     (and activation checkpointing with ``--gradient-checkpointing``). A quantized base is
     placed by its loader and not moved."""
     model = task.model
+    device = resolve_device(cfg.device)
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
-        model = model.to(resolve_device(cfg.device))
+        model = model.to(device)
+    elif isinstance(getattr(model, "classifier", None), torch.nn.Module):
+        model.classifier.to(device)  # a head glora added is not the loader's to place
     if cfg.gradient_checkpointing:
         # Non-reentrant: the frozen base's inputs need no gradient for the adapters to get one.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -505,6 +508,8 @@ class Federation:
         global model's score ("eval_heldout_global") and, for personalised rules, the client's
         own model's ("eval_heldout_personal")."""
         clients = [i for i, h in enumerate(self.held) if len(h)]
+        if not clients:
+            return {}  # no client holds two examples: nothing was held out
         with self.global_model(st) as m:
             scores = [self.task.evaluate_examples(m, self.held[i]) for i in clients]
         out = {"eval_heldout_global": _mean_scores(scores)}
@@ -516,7 +521,8 @@ class Federation:
                 deltas = {n: _plus(f.delta(), merged[n]) for n, f in own["factors"].items()}
                 with self.model.dense_update(deltas, own["rank"], own["head"]) as m:
                     own_scores.append(self.task.evaluate_examples(m, self.held[i]))
-            out["eval_heldout_personal"] = _mean_scores(own_scores)
+            if own_scores:
+                out["eval_heldout_personal"] = _mean_scores(own_scores)
         return out
 
     def _evaluate_personal(self, st: ServerState) -> dict[str, float]:
@@ -546,7 +552,7 @@ class Federation:
             changed = [
                 f"{k.replace('_', '-')} {saved[k]!r} -> {v!r}"
                 for k, v in cfg.to_dict().items()
-                if saved.get(k) != v and k not in ("threads", "device", "data_dir", "record_updates")
+                if saved.get(k) != v and k not in NOT_IDENTITY
             ]
             raise ValueError(
                 f"{store.folder} holds a run with another config (identity {existing.get('identity')}, this one "
@@ -626,6 +632,8 @@ class Federation:
         record["peak_rss_mb"] = peak_rss_mb()
         st.elapsed = time.perf_counter() - self.started
         self.store.append_metrics(record)
+        for tracker in self.trackers:
+            tracker.log(0, flatten(record))
         self.store.save_checkpoint({"state": st, "config": self.cfg.to_dict()})
 
     def finish(self, st: ServerState) -> dict[str, Any]:

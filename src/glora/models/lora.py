@@ -118,7 +118,8 @@ class AdaptedModel:
 
     # -- factors -----------------------------------------------------------------------------
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: tuple(m.base_layer.weight.shape) for n, m in self.layers.items()}
+        """(d_out, d_in) of every adapted layer, from the LoRA layer (a 4-bit base's weight is packed)."""
+        return {n: (int(m.out_features), int(m.in_features)) for n, m in self.layers.items()}
 
     def get_factors(self, rank: int) -> dict[str, LowRank]:
         """The adapter of this rank as LowRank per layer (copies)."""
@@ -208,10 +209,8 @@ class AdaptedModel:
     def base_offsets(self) -> dict[str, Tensor]:
         """What has been merged into each base weight so far (for checkpoints)."""
         if not self.exact_base:
-            return {
-                n: (o.cpu() if o is not None else torch.zeros(m.base_layer.weight.shape))
-                for (n, o), m in zip(self._offsets.items(), self.layers.values(), strict=True)
-            }
+            shapes = self.layer_shapes()
+            return {n: (o.cpu() if o is not None else torch.zeros(shapes[n])) for n, o in self._offsets.items()}
         return {n: (m.base_layer.weight.detach() - self._original[n]).cpu() for n, m in self.layers.items()}
 
     def set_base_offsets(self, offsets: Mapping[str, Tensor]) -> None:

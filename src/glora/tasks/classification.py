@@ -47,6 +47,13 @@ def label_rows(
     """The rows as ClassificationTask reads them (text fields, integer or float ``label``,
     the partition value) and the task's spec. ValueError naming the problem."""
     fields = tuple(c for c in (cfg.text_column, cfg.text_pair_column) if c)
+    for split, rows in (("train", splits.train), ("validation", splits.validation)):
+        for i, r in enumerate(rows):
+            value = r[cfg.label_column]
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(f"{split} row {i}: label column {cfg.label_column!r} is empty")
+            if isinstance(value, float) and value.is_integer() and cfg.regression is not True:
+                r[cfg.label_column] = int(value)  # a column with gaps reads as floats: 1.0 is the class 1
     train_labels = [r[cfg.label_column] for r in splits.train]
     regression = cfg.regression if cfg.regression is not None else is_float_target(train_labels)
     if regression and cfg.regression is None:
@@ -145,6 +152,8 @@ class DatasetClassificationTask(ClassificationTask):
             partition_column=cfg.partition_column,
         )
         train, validation, spec = label_rows(splits, cfg, console)
+        if spec.is_regression and cfg.logit_adjustment:
+            raise ValueError("--logit-adjustment needs class labels; this label column is a regression target")
         needed = cfg.clients * cfg.min_client_examples
         if cfg.alpha is not None and not cfg.partition_column and len(train) < needed:
             raise ValueError(
