@@ -57,6 +57,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """``torch.save`` so that a crash leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -202,14 +214,7 @@ class RunStore:
         atomic_write(self.path(METRICS), "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".checkpoint.")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path(CHECKPOINT))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(self.path(CHECKPOINT), state)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path(CHECKPOINT)
@@ -227,14 +232,7 @@ class RunStore:
         """Store one round's client updates (``--record-updates``), atomically."""
         path = self.path(UPDATES) / f"round-{server_round:03d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
-            torch.save(record, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(path, record)
 
     def recorded_rounds(self) -> list[int]:
         """The rounds whose client updates are stored, in order."""

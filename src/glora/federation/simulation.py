@@ -517,9 +517,7 @@ class Federation:
             merged = _merged_deltas(st)
             own_scores = []
             for i in (i for i in clients if i in st.personal):  # a client never sampled has no model
-                own = st.personal[i]
-                deltas = {n: _plus(f.delta(), merged[n]) for n, f in own["factors"].items()}
-                with self.model.dense_update(deltas, own["rank"], own["head"]) as m:
+                with self.own_model(st.personal[i], merged) as m:
                     own_scores.append(self.task.evaluate_examples(m, self.held[i]))
             if own_scores:
                 out["eval_heldout_personal"] = _mean_scores(own_scores)
@@ -530,11 +528,17 @@ class Federation:
         per_client = []
         merged = _merged_deltas(st)
         for _, own in sorted(st.personal.items()):
-            deltas = {n: _plus(f.delta(), merged[n]) for n, f in own["factors"].items()}
-            with self.model.dense_update(deltas, own["rank"], own["head"]) as m:
+            with self.own_model(own, merged) as m:
                 per_client.append(self.task.evaluate(m))
-        keys = per_client[0].keys()
-        return {k: float(np.mean([c[k] for c in per_client])) for k in keys}
+        return _mean_scores(per_client)
+
+    def own_model(
+        self, own: Mapping[str, Any], merged: Mapping[str, torch.Tensor | None]
+    ) -> AbstractContextManager[torch.nn.Module]:
+        """A client's own model (base + what was merged + its last trained factors, its head)
+        for the duration of a ``with`` block; ``merged``: :func:`_merged_deltas` of the state."""
+        deltas = {n: _plus(f.delta(), merged[n]) for n, f in own["factors"].items()}
+        return self.model.dense_update(deltas, own["rank"], own["head"])
 
     # -- the run ----------------------------------------------------------------------------------
     def begin(self, resume: bool = False, command: list[str] | None = None) -> ServerState:
