@@ -171,11 +171,14 @@ def holdout_split(parts: list[np.ndarray], share: float, seed: int) -> tuple[lis
     return train, held
 
 
-def client_layout(cfg: RunConfig, task: FederatedTask, rule: Rule) -> tuple[list[np.ndarray], list[int]]:
+def client_layout(
+    cfg: RunConfig, task: FederatedTask, rule: Rule, split: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+) -> tuple[list[np.ndarray], list[int]]:
     """Each client's training examples (less its held-out share, ``--personal-holdout``) and
     rank. A pooled rule (the centralized reference) gets one client with everyone's training
-    examples at the largest rank."""
-    parts = holdout_split(task.partition(), cfg.personal_holdout, cfg.seed)[0]
+    examples at the largest rank. ``split``: the task's :func:`holdout_split`, where the caller
+    has it already (the partition is drawn once)."""
+    parts = (split or holdout_split(task.partition(), cfg.personal_holdout, cfg.seed))[0]
     ranks = cfg.client_ranks()
     if rule.pooled:
         return [np.sort(np.concatenate(parts))], [max(ranks)]
@@ -409,9 +412,9 @@ class Federation:
         loading = self.console.status(f"loading {cfg.task} and {cfg.backbone}...") if self.progress else nullcontext()
         with loading:
             self.task = build_task(cfg)
-        self.parts, self.ranks = client_layout(cfg, self.task, self.rule)
-        # The clients' held-out shares (--personal-holdout), as the clients hold them.
-        self.held = holdout_split(self.task.partition(), cfg.personal_holdout, cfg.seed)[1]
+        split = holdout_split(self.task.partition(), cfg.personal_holdout, cfg.seed)
+        self.parts, self.ranks = client_layout(cfg, self.task, self.rule, split)
+        self.held = split[1]  # the clients' held-out shares (--personal-holdout), as they hold them
         self.model = adapted_model(self.task, cfg, self.ranks)
         self.init = initial_adapters(self.model, self.ranks, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.float64)
