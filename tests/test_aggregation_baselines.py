@@ -117,8 +117,8 @@ def hetlora_example():
 
 def test_hetlora_pads_and_weights_by_update_norm_as_computed_by_hand():
     ups = hetlora_example()
-    rule = get_rule("hetlora")
-    # The paper weights by update norm alone: these example counts must not matter.
+    rule = get_rule("hetlora", data_weighted=False)
+    # Norm weights alone (the paper's Figure 2): these example counts must not matter.
     state = rule.aggregate(ups, [100.0, 1.0, 7.0])
     assert torch.allclose(
         rule.aggregation_weights(ups, normalized([100.0, 1.0, 7.0])),

@@ -189,3 +189,39 @@ def test_no_dense_matrix_on_the_batched_route(per_layer_calls):
     assert per_layer_calls["n"] == 0
     assert states["l1"].readout(4, 2.0).B.shape == (d_out, 4)
     assert grown_gb < 2.0  # the factors themselves are 0.26 GB; one dense layer would be 160 GB
+
+
+# Every server-rank policy GLoRA accepts (an int, and the policies over the client ranks),
+# crossed with the options that change which directions are kept.
+RANK_POLICIES = [3, "max", "2max", "sum", "sum<=10"]
+KEEP_OPTIONS = [
+    {},
+    {"sides": 2},
+    {"consensus": "energy"},
+    {"threshold": 0.2},
+    {"threshold": 0.1, "consensus": "energy", "sides": 2},
+]
+
+
+@pytest.mark.parametrize("rank", RANK_POLICIES)
+@pytest.mark.parametrize("options", KEEP_OPTIONS)
+def test_batched_and_per_layer_routes_agree_for_every_rank_policy(rank, options, per_layer_calls):
+    g = torch.Generator().manual_seed(12)
+    ranks = [int(r) for r in torch.randint(1, 9, (5,), generator=g)]
+    ranks[0], ranks[1] = 1, 8  # heterogeneous whatever the draw; this one gives sum 24, so that
+    # the five policies mean five different R (3, 8, 16, 24, 10) and both thresholds cut some
+    w = torch.rand(5, generator=g).add(0.1).tolist()
+    shapes = [(64, 48), (50, 72), (64, 48), (50, 72)]
+    ups = {
+        f"l{j}": make_updates(ranks, d_out=o, d_in=i, seed=100 + j, scale=float(torch.rand(1, generator=g)) + 0.5)
+        for j, (o, i) in enumerate(shapes)
+    }
+    rule = get_rule("glora", rank=rank, **options)
+    states = rule.aggregate_layers(ups, w)
+    assert per_layer_calls["n"] == 0  # the batched route served every layer
+    for name, layer in ups.items():
+        ref = rule.aggregate(layer, w)
+        assert states[name].rank == ref.rank
+        assert rel_err(states[name].delta(), ref.delta()) < 1e-6
+        for r in (1, 4):
+            assert rel_err(states[name].readout(r, 2.0).delta(), ref.readout(r, 2.0).delta()) < 1e-6

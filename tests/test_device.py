@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
-from glora.federation.simulation import check_config
 from glora.models.device import resolve_device, to_device
 
 

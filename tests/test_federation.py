@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from glora.federation import simulation
-from glora.federation.config import RunConfig, parse_ranks
+from glora.federation import client as client_module
+from glora.federation import engine
+from glora.federation.checks import check_config
+from glora.federation.config import RunConfig
+from glora.federation.ranks import parse_ranks
 from glora.federation.results import RunStore
-from glora.federation.simulation import Federation, check_config
+from glora.federation.simulation import Federation
 
 SMALL = RunConfig(
     task="sst2",
@@ -105,7 +108,7 @@ def test_end_to_end_glora_unequal_ranks_and_peft_export(tmp_path):
 @pytest.mark.slow
 def test_clients_receive_exactly_the_readout_and_factors_round_trip(tmp_path, monkeypatch):
     received = []
-    original = simulation.local_train
+    original = client_module.local_train
 
     def spy(model, *args, **kwargs):
         fed = spy.fed
@@ -113,7 +116,7 @@ def test_clients_receive_exactly_the_readout_and_factors_round_trip(tmp_path, mo
         received.append((r, fed.model.get_factors(r)))
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(simulation, "local_train", spy)
+    monkeypatch.setattr(client_module, "local_train", spy)
     cfg = SMALL.replace(rounds=2, local_steps=2, eval_every=2)
     fed = Federation(cfg, tmp_path / "run", progress=False)
     spy.fed = fed
@@ -233,13 +236,11 @@ def run_federation_rows(cfg, folder):
 
 def test_held_out_shares_are_never_trained_on():
     parts = [np.arange(0, 10), np.arange(10, 13), np.arange(13, 14)]
-    train, held = simulation.holdout_split(parts, 0.25, seed=0)
+    train, held = engine.holdout_split(parts, 0.25, seed=0)
     assert [len(h) for h in held] == [2, 1, 0]  # at least one where a client has two; never its last
     for p, t, h in zip(parts, train, held, strict=True):
         assert not set(t) & set(h) and sorted([*t, *h]) == list(p)
-    assert all(
-        np.array_equal(a, b) for a, b in zip(simulation.holdout_split(parts, 0.0, seed=0)[0], parts, strict=True)
-    )
+    assert all(np.array_equal(a, b) for a, b in zip(engine.holdout_split(parts, 0.0, seed=0)[0], parts, strict=True))
     assert RunConfig(personal_holdout=0.0).identity() == RunConfig().identity()
     with pytest.raises(ValueError, match="--personal-holdout must be in"):
         check_config(SMALL.replace(personal_holdout=1.0))
@@ -248,13 +249,13 @@ def test_held_out_shares_are_never_trained_on():
 @pytest.mark.slow
 def test_personal_models_are_scored_on_their_clients_held_out_share(tmp_path, monkeypatch):
     trained = []
-    real = simulation.local_train
+    real = client_module.local_train
 
     def spy(model, lora, head, batch, indices, *args, **kwargs):
         trained.append(set(indices.tolist()))
         return real(model, lora, head, batch, indices, *args, **kwargs)
 
-    monkeypatch.setattr(simulation, "local_train", spy)
+    monkeypatch.setattr(client_module, "local_train", spy)
     cfg = SMALL.replace(rule="local", ranks="4", rounds=1, local_steps=2, personal_holdout=0.2)
     fed = Federation(cfg, tmp_path / "run", progress=False)
     summary = fed.run()

@@ -29,6 +29,7 @@ from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid
 
 from glora.aggregation import RULES, average_params, get_rule
+from glora.aggregation.base import FACTORS
 from glora.federation.config import RunConfig
 from glora.federation.simulation import Federation
 from glora.flower import client_app
@@ -197,7 +198,7 @@ def test_strategy_aggregates_like_the_rule_and_leaves_out_bad_replies(task_ident
             assert f.rank == node.rank and torch.equal(f.B, want.B) and torch.equal(f.A, want.A)
 
 
-def test_wrong_shape_and_error_replies_are_left_out_and_a_round_without_good_replies_keeps_the_state(
+def test_wrong_shape_and_error_replies_are_left_out_and_a_round_without_good_replies_stops_the_run(
     task_identity, caplog
 ):
     strategy = make_strategy("glora", [2, 4])
@@ -205,7 +206,7 @@ def test_wrong_shape_and_error_replies_are_left_out_and_a_round_without_good_rep
     faults = {(1, ids[0]): "shape", (2, ids[0]): "error", (2, ids[1]): "silent"}
     grid = FakeGrid(ids, {ids[0]: 30, ids[1]: 50}, faults)
     states = []
-    with caplog.at_level(logging.WARNING, logger="flwr.glora"):
+    with caplog.at_level(logging.WARNING, logger="flwr.glora"), pytest.raises(ValueError) as stopped:
         strategy.start(
             grid,
             ArrayRecord(initial_head()),
@@ -213,13 +214,13 @@ def test_wrong_shape_and_error_replies_are_left_out_and_a_round_without_good_rep
             evaluate_fn=lambda t, _: states.append((strategy.last_record, dict(strategy.state.layers or {}))),
         )
     assert "factors of shapes B (12, 1), A (1, 10); the rank-2 adapter sent has B (12, 2), A (2, 10)" in caplog.text
-    assert "the node reported an error (code 2): <class 'RuntimeError'>:<'out of memory'>" in caplog.text
-    assert "left out client 1 (node 101): no reply within the round's timeout" in caplog.text
-    assert "round 2: no node sent a usable reply; the server state stays as it was" in caplog.text
-    (record_1, layers_1), (record_2, layers_2) = states[1], states[2]
-    assert record_1["clients"] == [1] and "0" in record_1["left_out"]
-    assert record_2 is None
-    assert all(layers_2[n] is layers_1[n] for n in SHAPES)  # the state of round 1, untouched
+    message = str(stopped.value)
+    assert message.startswith("round 2: 2 of 2 clients failed") and "last checkpoint is kept" in message
+    assert "the node reported an error (code 2): <class 'RuntimeError'>:<'out of memory'>" in message
+    assert "client 1: no reply within the round's timeout" in message
+    record_1, layers_1 = states[1]
+    assert record_1["clients"] == [1] and "0" in record_1["left_out"]  # 1 of 2 left out: the round goes on
+    assert all(strategy.state.layers[n] is layers_1[n] for n in SHAPES)  # the state of round 1, untouched
     only = get_rule("glora").aggregate_layers({n: [grid.trained[(1, ids[1])][0][n]] for n in SHAPES}, [1.0])
     assert all(torch.equal(layers_1[n].delta(), only[n].delta()) for n in SHAPES)
 
@@ -293,7 +294,7 @@ def test_run_config_round_trip_and_pyproject_lists_every_key():
     from_run_config(declared)  # and the declared defaults are valid
     with pytest.raises(ValueError, match=r"unknown run config keys \['num-server-rounds'\]"):
         from_run_config({"num-server-rounds": 3})
-    with pytest.raises(ValueError, match=r"run config key .local-steps.: bad value 2\.5"):
+    with pytest.raises(ValueError, match=r"run config: option local-steps 2\.5: give an integer"):
         from_run_config({"local-steps": 2.5})
     with pytest.raises(ValueError, match="run config key 'rule-options'"):
         from_run_config({"rule-options": "rank ="})
@@ -472,8 +473,16 @@ def assert_same_run(flower: Path, reference: Path) -> float:
     rows_b = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     timing = {"round_seconds", "server_seconds", "peak_rss_mb"}
     assert [sorted(set(r) - timing) for r in rows_a] == [sorted(set(r) - timing) for r in rows_b]
+    # Traffic is counted from what each driver carries: a Flower reply holds both factors and
+    # the head, a message down the whole readout and the dense base offsets; the in-process
+    # driver counts what the rule's plan exchanges. They agree where the plan sends everything.
+    config = json.loads((reference / "config.json").read_text())
+    plan = get_rule(config["rule"], **config["rule_options"]).client_plan(1)
+    sends_everything = plan.send == FACTORS and plan.share_head and not plan.personal
     for ra, rb in zip(rows_a, rows_b, strict=True):
-        assert ra["clients"] == rb["clients"] and ra["bytes_up"] == rb["bytes_up"]
+        assert ra["clients"] == rb["clients"]
+        assert ra["bytes_up"] == rb["bytes_up"] if sends_everything else ra["bytes_up"] > rb["bytes_up"]
+        assert ra["bytes_down"] >= rb["bytes_down"]
         assert math.isclose(ra["train_loss"], rb["train_loss"], rel_tol=RTOL)
     print(f"largest relative difference of a layer's global update: {worst:.3e} (tolerance {RTOL})")
     return worst

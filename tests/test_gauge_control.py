@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from glora.federation import simulation
+from glora.federation import client as client_module
 from glora.federation.config import RunConfig
-from glora.federation.simulation import Federation, ServerState
+from glora.federation.engine import ServerState
+from glora.federation.simulation import Federation
 from glora.lowrank import LowRank, random_gauge_matrix
 
 D_OUT, D_IN, SCALE = 24, 16, 2.0
@@ -83,7 +84,7 @@ def _round(tmp_path, monkeypatch, rule: str, ranks: str, random_gauge: bool):
         r: {n: LowRank(torch.zeros(D_OUT, r), torch.randn(r, D_IN), SCALE) for n in ("layer.query", "layer.value")}
         for r in set(fed.ranks)
     }
-    monkeypatch.setattr(simulation, "local_train", lambda *args, **kwargs: [0.5])
+    monkeypatch.setattr(client_module, "local_train", lambda *args, **kwargs: [0.5])
     uploads = {}
     aggregate = fed.rule.aggregate_layers
 

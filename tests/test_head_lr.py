@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from glora.experiments.grid import expand, load_preset
+from glora.experiments.grid.preset import expand, load_preset
+from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
-from glora.federation.simulation import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

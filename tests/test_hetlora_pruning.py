@@ -15,8 +15,8 @@ from torch import nn
 
 from glora import LowRank, get_rule
 from glora.aggregation.hetlora import kept_components, tail_size
+from glora.federation.client import train_client
 from glora.federation.config import RunConfig
-from glora.federation.simulation import train_client
 from glora.models.lora import AdaptedModel, LoraSettings
 
 LAYERS = {"q": (37, 23), "v": (19, 29)}  # non-square, different shapes
@@ -135,7 +135,7 @@ def test_train_client_prunes_a_client_whose_tail_shrinks_and_the_pruning_lasts()
     # The penalty shrank the last component (ratio 0.9 of rank 8 keeps 7): rank 7 goes up, and
     # the client keeps its factors to remember it.
     assert {f.rank for f in first.factors.values()} == {7}
-    assert first.own is not None and {f.rank for f in first.own["factors"].values()} == {7}
+    assert first.own is not None and {f.rank for f in first.own.factors.values()} == {7}
     # Next round the readout is rank 8 again; the client trains its 7 components, the 8th of
     # its adapter stays exactly zero, and it uploads at most rank 7.
     second = train_client(model, task, cfg, rule, 3, 0, np.arange(64), readout(tail_B=1.0), head, own=first.own)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from glora.federation.checks import check_config
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
-from glora.federation.simulation import check_config
 from glora.tasks.glue import GlueTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,17 +127,17 @@ def test_recorded_runs_keep_their_identity_and_the_option_makes_a_new_one():
 def test_each_client_trains_with_its_own_label_prior(tmp_path, monkeypatch):
     """On the real SST-2 path (a skewed partition), every client's loss is shifted by tau times
     the log of its own smoothed label frequencies, not the pooled ones."""
-    from glora.federation import simulation
+    from glora.federation import client as client_module
     from glora.federation.simulation import Federation
 
     seen = []
-    real = simulation.local_train
+    real = client_module.local_train
 
     def spy(*args, **kwargs):
         seen.append((args[4], kwargs["logit_bias"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(simulation, "local_train", spy)
+    monkeypatch.setattr(client_module, "local_train", spy)
     cfg = RunConfig(
         clients=3,
         alpha=0.3,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig, AutoModel, MPNetConfig
 
-from glora.experiments.grid import expand, load_preset, packaged_presets
+from glora.experiments.grid.preset import expand, load_preset, packaged_presets
 from glora.models.backbones import resolve_backbone
 from glora.models.causal import resolve_causal_lm
 from glora.models.lora import AdaptedModel, LoraSettings

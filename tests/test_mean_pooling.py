@@ -5,8 +5,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
-from glora.federation.simulation import check_config
 from glora.models.backbones import load_classifier
 from glora.models.lora import AdaptedModel, LoraSettings, export_adapter
 from glora.models.mean_pooled import MeanPooledClassifier

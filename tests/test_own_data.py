@@ -17,9 +17,10 @@ from transformers import BertConfig, BertForSequenceClassification
 from glora import tasks
 from glora.data.dataset_files import read_splits
 from glora.data.partition import natural_partition
+from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
 from glora.federation.results import RunStore
-from glora.federation.simulation import Federation, check_config, run_federation
+from glora.federation.simulation import Federation, run_federation
 from glora.models.export import ExportInfo
 from glora.models.lora import LoraSettings
 from glora.tasks.base import TaskFamily
@@ -190,7 +191,7 @@ def bad_inputs(tmp_path: Path):
 def test_every_bad_input_is_one_clear_error_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     trained = []
-    monkeypatch.setattr("glora.federation.simulation.local_train", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr("glora.federation.client.local_train", lambda *a, **k: trained.append(1))
     for cfg, words in bad_inputs(tmp_path):
         with pytest.raises(ValueError, match=words):
             check_config(cfg)

@@ -58,7 +58,7 @@ def finished_run(tmp_path: Path, cfg: RunConfig) -> tuple[Path, list[dict], torc
     st = fed.begin(resume=True)
     task = fed.task
     batches = [task.inputs(task.eval.input_ids[i : i + 16]) for i in range(0, len(task.eval), 16)]
-    with fed.global_model(st) as m, torch.no_grad():
+    with fed.evaluation.global_model(st) as m, torch.no_grad():
         logits = torch.cat([m(**b).logits for b in batches])
     return tmp_path / "run", [{k: v.tolist() for k, v in b.items()} for b in batches], logits
 

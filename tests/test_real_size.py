@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from glora.federation.checks import check_config
 from glora.federation.client import local_train
 from glora.federation.config import RunConfig
-from glora.federation.simulation import check_config, run_federation
+from glora.federation.simulation import run_federation
 from glora.lowrank import LowRank
 from glora.models.lora import AdaptedModel, LoraSettings
 from tests.test_causal import tiny_llama

@@ -1,6 +1,6 @@
 """Probes of a hostile user (issue #30), each kept as a test so that none can come back:
 typed rule options, numeric options checked up front, one writer per run folder, a torn
-metrics line recovered, a damaged checkpoint named."""
+metrics line recovered, a damaged checkpoint named, a finished run never begun again."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ import sys
 import pytest
 import torch
 
+from glora import tasks
 from glora.aggregation import get_rule
+from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
-from glora.federation.results import RunStore
-from glora.federation.simulation import Federation, check_config
+from glora.federation.results import RunStore, open_run
+from glora.federation.simulation import Federation, run_federation
 from glora.models.backbones import resolve_backbone
+from tests.test_own_data import ToyTask
 
 
 def test_rule_options_are_typed_against_the_rule():
@@ -123,3 +126,38 @@ def test_a_resume_refused_for_a_changed_config_names_the_change(tmp_path):
     store.start(old.to_dict(), old.identity())
     with pytest.raises(ValueError, match=r"changed: rounds 3 -> 4"):
         Federation(RunConfig(rounds=4), tmp_path / "run", progress=False).begin(resume=True)
+
+
+def test_a_finished_run_without_its_checkpoint_is_not_begun_again_and_open_run_reads_it(tmp_path, monkeypatch):
+    """results/ keeps finished runs without checkpoint.pt. Resuming one used to begin it again
+    from round 1: config.json and meta.json rewritten, metrics.jsonl emptied. It must be refused
+    with every file as it was, and open_run reads the run without writing either."""
+    monkeypatch.setitem(tasks.FAMILIES, "toy", ToyTask)
+    cfg = RunConfig.for_task("toy", clients=2, ranks="2", rounds=1, local_steps=1, batch_size=8, threads=1)
+    out = tmp_path / "run"
+    run_federation(cfg, out, progress=False)
+    (out / "checkpoint.pt").unlink()
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = files()
+    assert {"config.json", "meta.json", "metrics.jsonl", "summary.json"} <= before.keys()
+    with pytest.raises(ValueError, match=r"finished run .*nothing to resume.*open_run"):
+        Federation(cfg, out, progress=False).begin(resume=True)
+    assert files() == before
+
+    run = open_run(out)
+    assert run.config.identity() == cfg.identity()
+    assert [r["round"] for r in run.metrics] == [1] and run.summary["rounds"] == 1
+    assert run.meta["git_commit"] and run.adapter == out / "adapter" and run.checkpoint is None
+    assert files() == before
+
+
+def test_open_run_names_what_a_folder_lacks(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no-run is not a run folder: it does not exist"):
+        open_run(tmp_path / "no-run")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"half is not a run folder: it has no meta.json, metrics.jsonl"):
+        open_run(tmp_path / "half")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from glora.experiments.report import markdown, write_report
+from glora.experiments.render.report import markdown, write_report
 from glora.experiments.sweep_results import load_results
 
 MIB = 2**20
@@ -321,7 +321,7 @@ def test_the_gate_names_a_table_that_cannot_rank_and_ranks_nothing_in_it():
     """CoLA under the old protocol: FedIT at MCC 0 under IID, the majority class's score."""
     from pathlib import Path
 
-    from glora.experiments.report import gate, markdown
+    from glora.experiments.render.report import gate, markdown
     from glora.experiments.sweep_results import load_results
 
     res = load_results(Path(__file__).resolve().parents[1] / "results" / "sweeps" / "data-heterogeneity")

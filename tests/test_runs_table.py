@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from glora.experiments.runs_table import runs_markdown
+from glora.experiments.render.runs_table import runs_markdown
 
 
 def _folder(root, name, config, rows, summary=None):

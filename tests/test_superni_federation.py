@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from glora.data.superni import SuperNI
+from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
-from glora.federation.simulation import Federation, check_config
+from glora.federation.simulation import Federation
 from glora.models.lora import LoraSettings
 from glora.tasks.superni import SuperNITask, task_lists
 

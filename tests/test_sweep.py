@@ -14,12 +14,14 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from glora.cli import app
-from glora.experiments import sweep as sweep_mod
-from glora.experiments.estimate import CostModel, estimate_seconds
-from glora.experiments.grid import expand, load_preset, packaged_presets
-from glora.experiments.report import markdown
-from glora.experiments.sweep import ERROR, INDEX, TimeLeft, print_plan, run_status, run_sweep, sweep_command
-from glora.experiments.sweep_results import load_results
+from glora.experiments.grid.estimate import CostModel, estimate_seconds
+from glora.experiments.grid.preset import expand, load_preset, packaged_presets
+from glora.experiments.render.report import markdown
+from glora.experiments.sweep import runner as sweep_mod
+from glora.experiments.sweep.command import sweep_command
+from glora.experiments.sweep.runner import run_sweep
+from glora.experiments.sweep.time_left import TimeLeft, print_plan
+from glora.experiments.sweep_results import ERROR, INDEX, load_results, run_status
 from glora.federation.config import RunConfig
 from glora.federation.results import SUMMARY, RunStore, run_device
 
@@ -183,7 +185,9 @@ def test_reuse_links_finished_runs_of_another_sweep_and_runs_the_rest(tmp_path, 
     _sweep(grid, other, FakeRuns(fail=[broken]), monkeypatch, seeds=[0])
     monkeypatch.setattr(sweep_mod, "run_federation", fake := FakeRuns())
     results = tmp_path / "results"
-    sweep_command(str(grid), results, reuse_from=[other], progress=False, console=Console(file=io.StringIO()))
+    sweep_command(
+        load_preset(grid), results, "test", reuse_from=[other], progress=False, console=Console(file=io.StringIO())
+    )
     seed0 = [r.identity for r in planned if r.labels[0].seed == 0]
     # Seed 0's finished runs are links to the other sweep's folders; its failed run and all of
     # seed 1 ran here.
@@ -193,14 +197,14 @@ def test_reuse_links_finished_runs_of_another_sweep_and_runs_the_rest(tmp_path, 
     assert not (results / broken).is_symlink()
     report = load_results(results)
     assert all(r.status == "finished" for r in report.runs)
-    assert "--reuse-from" in report.index["commands"][0]
+    assert report.index["commands"] == ["test"]  # the caller's command, as given
     assert sorted(r.identity for r in report.runs if r.linked) == sorted(linked)
     assert f"{len(linked)} of them" in markdown(report, {})
     with pytest.raises(ValueError, match="no such folder"):
-        sweep_command(str(grid), results, reuse_from=[tmp_path / "nothing"], progress=False)
+        sweep_command(load_preset(grid), results, "test", reuse_from=[tmp_path / "nothing"], progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no run folders"):
-        sweep_command(str(grid), results, reuse_from=[tmp_path / "empty"], progress=False)
+        sweep_command(load_preset(grid), results, "test", reuse_from=[tmp_path / "empty"], progress=False)
 
 
 def test_reuse_links_runs_of_glora_run_by_their_config_not_their_folder_name(tmp_path, grid, monkeypatch):
@@ -218,7 +222,15 @@ def test_reuse_links_runs_of_glora_run_by_their_config_not_their_folder_name(tmp
     (named[unfinished] / SUMMARY).unlink()
     monkeypatch.setattr(sweep_mod, "run_federation", fake := FakeRuns())
     results = tmp_path / "results"
-    sweep_command(str(grid), results, seeds=[0], reuse_from=[runs], progress=False, console=Console(file=io.StringIO()))
+    sweep_command(
+        load_preset(grid),
+        results,
+        "test",
+        seeds=[0],
+        reuse_from=[runs],
+        progress=False,
+        console=Console(file=io.StringIO()),
+    )
     assert [i for i, _ in fake.calls] == [unfinished]
     linked = [i for i in named if i != unfinished]
     assert all((results / i).resolve() == named[i].resolve() for i in linked)
@@ -226,7 +238,9 @@ def test_reuse_links_runs_of_glora_run_by_their_config_not_their_folder_name(tmp
     (named[unfinished] / SUMMARY).write_text("{}")
     (named[unfinished] / "config.json").write_text('{"lr": 0.001, "not_a_field": 1}')
     with pytest.raises(ValueError, match=r"my-run-0/config.json is not a run's config .*not_a_field"):
-        sweep_command(str(grid), results, reuse_from=[runs], progress=False, console=Console(file=io.StringIO()))
+        sweep_command(
+            load_preset(grid), results, "test", reuse_from=[runs], progress=False, console=Console(file=io.StringIO())
+        )
 
 
 def test_reuse_links_a_centralized_run_made_with_the_clients_ranks_and_partition(tmp_path, grid, monkeypatch):
@@ -245,7 +259,9 @@ def test_reuse_links_a_centralized_run_made_with_the_clients_ranks_and_partition
         RunStore(runs / name).finish({"final": {"accuracy": 0.9}, "main_metric": "accuracy", "wall_seconds": 1.0})
     monkeypatch.setattr(sweep_mod, "run_federation", fake := FakeRuns())
     results = tmp_path / "results"
-    sweep_command(str(grid), results, reuse_from=[runs], progress=False, console=Console(file=io.StringIO()))
+    sweep_command(
+        load_preset(grid), results, "test", reuse_from=[runs], progress=False, console=Console(file=io.StringIO())
+    )
     ran = [i for i, _ in fake.calls]
     central = {seed: planned["centralized", seed].identity() for seed in (0, 1)}
     assert (results / central[0]).resolve() == (runs / "seed-0").resolve() and central[0] not in ran
@@ -276,14 +292,36 @@ def test_index_accumulates_over_seed_by_seed_sweeps(tmp_path, grid, monkeypatch)
     other = tmp_path / "other.toml"
     other.write_text(GRID.replace('name = "tiny-grid"', 'name = "other"'))
     with pytest.raises(ValueError, match="holds a sweep of preset 'tiny-grid'"):
-        sweep_command(str(other), results, progress=False, console=Console(file=io.StringIO()))
+        sweep_command(load_preset(other), results, "test", progress=False, console=Console(file=io.StringIO()))
+
+
+def test_the_cli_records_the_options_that_choose_the_runs(tmp_path, grid, monkeypatch):
+    """The command in sweep.json is built by the CLI: the grid's options in a fixed order and
+    spelling, the results folder spelled out (the default one too), --threads and --no-progress
+    left out (they change how the runs go, not which)."""
+    _sweep(grid, tmp_path / "other", FakeRuns(), monkeypatch, seeds=[0])
+    monkeypatch.setattr(sweep_mod, "run_federation", FakeRuns())
+    monkeypatch.chdir(tmp_path)
+    args = ["--only-settings", "iid, skew", "--threads", "1", "--seeds", "0", "--only-rules", "glora,fedit"]
+    args += ["--reuse-from", "other/", "--report-to", "tensorboard", "--no-progress", "--only-tasks", "sst2"]
+    out = CliRunner().invoke(app, ["sweep", str(grid), *args])
+    assert out.exit_code == 0, out.output
+    index = json.loads((tmp_path / "runs" / "sweeps" / "tiny-grid" / INDEX).read_text())
+    assert index["commands"] == [
+        f"glora sweep {grid} --results runs/sweeps/tiny-grid --seeds 0 --only-rules glora,fedit --only-tasks sst2 "
+        "--only-settings iid,skew --reuse-from other --report-to tensorboard"
+    ]
 
 
 def test_progress_bars_follow_the_runs(tmp_path, grid, monkeypatch):
     monkeypatch.setattr(sweep_mod, "run_federation", FakeRuns())
     buf = io.StringIO()
     outcome = sweep_command(
-        str(grid), tmp_path / "r", seeds=[0], console=Console(file=buf, force_terminal=True, width=120, highlight=False)
+        load_preset(grid),
+        tmp_path / "r",
+        "test",
+        seeds=[0],
+        console=Console(file=buf, force_terminal=True, width=120, highlight=False),
     )
     assert len(outcome.ran) == 6
     text = buf.getvalue()
@@ -370,7 +408,7 @@ def test_packaged_presets_expand_and_state_their_cost(name):
 def load_text(name: str) -> str:
     from importlib import resources
 
-    return resources.files("glora.experiments").joinpath("presets", f"{name}.toml").read_text()
+    return resources.files("glora.experiments.grid").joinpath("presets", f"{name}.toml").read_text()
 
 
 def test_gauge_control_preset_keeps_fedit_at_equal_rank():

@@ -13,9 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from glora.cli import app
+from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
 from glora.federation.results import RunStore
-from glora.federation.simulation import check_config, run_federation
+from glora.federation.simulation import run_federation
 from glora.tracking import flatten, parse_report_to
 
 TINY = RunConfig(

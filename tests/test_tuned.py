@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from glora.experiments.grid import expand, load_preset
-from glora.experiments.sweep import sweep_command, with_tuned_lrs
-from glora.experiments.tuned import tuned_lrs_from
+from glora.experiments.grid.preset import expand, load_preset
+from glora.experiments.grid.tuned import tuned_lrs_from
+from glora.experiments.sweep.command import sweep_command, with_tuned_lrs
 
 
 def _sweep(root, runs, eval_split="heldout"):
@@ -77,12 +77,14 @@ def test_sweep_runs_take_the_tuned_rate(tmp_path):
 def test_a_task_the_tuning_lacks_is_refused(tmp_path):
     root = _sweep(tmp_path / "t", [("sst2", "glora", 5e-3, 0, 0.8)])
     with pytest.raises(ValueError, match="no tuned learning rate for cola"):
-        sweep_command("data-heterogeneity", tmp_path / "out", dry_run=True, seeds=[0], lr_from=root)
+        sweep_command(
+            load_preset("data-heterogeneity"), tmp_path / "out", "test", dry_run=True, seeds=[0], lr_from=root
+        )
 
 
 def test_per_rule_each_rule_takes_its_own_best_complete_rate(tmp_path):
+    from glora.experiments.grid.tuned import tuned_lrs_per_rule
     from glora.experiments.sweep_results import load_results
-    from glora.experiments.tuned import tuned_lrs_per_rule
 
     root = _sweep(
         tmp_path / "t",

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from glora.federation.config import RANK_DISTRIBUTIONS, RunConfig
-from glora.tasks.superni import SUPERNI_DEFAULTS
-
-_D = RunConfig()
-_S = SUPERNI_DEFAULTS
+from glora.federation.config import RunConfig
+from glora.run_command import parse_key_values, run_command
 
 app = typer.Typer(
     add_completion=False,
@@ -49,386 +44,42 @@ def demo(seed: int = typer.Option(0, help="Seed of the synthetic client updates.
     print_demo(run_demo(seed))
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _rule_options(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise typer.BadParameter(f"--rule-option {item!r}: write key=value, e.g. --rule-option rank=16")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
-    return out
-
-
-@app.command()
-def run(
-    config: Path | None = typer.Option(
-        None, "--config", help="TOML file of run options; command-line options override it."
-    ),
-    task: str | None = typer.Option(
-        None,
-        help=f"GLUE task (sst2, cola, mrpc, rte, stsb, qnli [eval only], mnli, qqp) or superni. [default: {_D.task}]",
-    ),
-    rule: str | None = typer.Option(
-        None, help=f"Aggregation rule (see README), or the references centralized / local. [default: {_D.rule}]"
-    ),
-    rule_option: list[str] = typer.Option(
-        [], "--rule-option", help="Rule option key=value, repeatable (e.g. rank=16, readout_gauge=a-normal)."
-    ),
-    backbone: str | None = typer.Option(
-        None,
-        help=f"minilm, mpnet (GLUE), smollm2 (superni), a Hugging Face model folder or a hub id. "
-        f"[default: {_D.backbone}; superni: {_S['backbone']}]",
-    ),
-    clients: int | None = typer.Option(None, help=f"Number of clients. [default: {_D.clients}]"),
-    alpha: float | None = typer.Option(
-        None,
-        help=f"Dirichlet label-skew concentration (> 0; smaller is more skewed). [default: {_D.alpha}; superni: none, "
-        "clients split by task]",
-    ),
-    iid: bool = typer.Option(False, "--iid", help="IID partition instead of Dirichlet label skew."),
-    ranks: str | None = typer.Option(
-        None,
-        help=f"Client LoRA ranks: one rank, a list assigned in turn, or {'/'.join(RANK_DISTRIBUTIONS)}. "
-        f"[default: {_D.ranks}]",
-    ),
-    rounds: int | None = typer.Option(
-        None,
-        help=f"Server rounds; 0 evaluates the untuned backbone (zero-shot). [default: {_D.rounds}; superni: "
-        f"{_S['rounds']}]",
-    ),
-    fraction: float | None = typer.Option(
-        None, help=f"Fraction of clients sampled per round. [default: {_D.fraction}]"
-    ),
-    local_steps: int | None = typer.Option(
-        None, help=f"Local optimiser steps per round. [default: {_D.local_steps}; superni: {_S['local_steps']}]"
-    ),
-    local_epochs: float | None = typer.Option(None, help="Local epochs per round (replaces --local-steps)."),
-    batch_size: int | None = typer.Option(
-        None, help=f"Local batch size. [default: {_D.batch_size}; superni: {_S['batch_size']}]"
-    ),
-    lr: float | None = typer.Option(
-        None, help=f"AdamW learning rate of the LoRA factors. [default: {_D.lr}; superni: {_S['lr']}]"
-    ),
-    head_lr: float | None = typer.Option(
-        None, help="Learning rate of the classification head. [default: --lr x --head-lr-ratio]"
-    ),
-    head_lr_ratio: float | None = typer.Option(
-        None,
-        help=f"The head's learning rate over the factors', when --head-lr is not given. [default: {_D.head_lr_ratio}; "
-        f"superni: {_S['head_lr_ratio']} (no head)]",
-    ),
-    pooling: str | None = typer.Option(
-        None,
-        help="What the classification head reads: cls (the backbone's own head) or mean (the mean of the "
-        f"token states, as sentence-transformers encoders are trained). [default: {_D.pooling}]",
-    ),
-    logit_adjustment: float | None = typer.Option(
-        None,
-        help="tau of the logit-adjusted loss: clients add tau x log(their label prior) to the logits in the "
-        f"loss, against label skew; 0 = cross-entropy. Classification only. [default: {_D.logit_adjustment}]",
-    ),
-    max_length: int | None = typer.Option(
-        None, help=f"Max tokens per example (dynamic padding). [default: {_D.max_length}; superni: {_S['max_length']}]"
-    ),
-    eval_every: int | None = typer.Option(
-        None, help=f"Evaluate every E rounds (and at the end). [default: {_D.eval_every}; superni: --rounds]"
-    ),
-    eval_batch_size: int | None = typer.Option(
-        None,
-        help=f"Evaluation batch size (superni: generation). [default: {_D.eval_batch_size}; superni: "
-        f"{_S['eval_batch_size']}]",
-    ),
-    eval_ranks: bool | None = typer.Option(
-        None,
-        "--eval-ranks/--no-eval-ranks",
-        help="Also evaluate the model each client rank receives (unequal ranks). "
-        f"[default: {_D.eval_ranks}; superni: {_S['eval_ranks']}]",
-    ),
-    max_train_examples: int | None = typer.Option(
-        None, help="Cap on the pooled training set (seeded sample). [default: all]"
-    ),
-    max_eval_examples: int | None = typer.Option(None, help="Cap on the evaluation split. [default: all]"),
-    eval_split: str | None = typer.Option(
-        None, help=f"validation, or heldout: a fixed slice of the training data, for tuning. [default: {_D.eval_split}]"
-    ),
-    weighting: str | None = typer.Option(None, help=f"Client weights: examples or uniform. [default: {_D.weighting}]"),
-    random_gauge: bool = typer.Option(
-        False, "--random-gauge", help="Control: clients re-gauge their factors randomly before upload."
-    ),
-    rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scale lora_alpha / sqrt(r)."),
-    dtype: str | None = typer.Option(
-        None,
-        help="The frozen base's dtype: float32, bfloat16, float16 (LoRA factors and the head stay float32). "
-        "[default: float32]",
-        rich_help_panel="Real-size clients",
-    ),
-    load_in_4bit: bool = typer.Option(
-        False, "--load-in-4bit", help="NF4 base (bitsandbytes, CUDA), as QLoRA.", rich_help_panel="Real-size clients"
-    ),
-    load_in_8bit: bool = typer.Option(
-        False, "--load-in-8bit", help="8-bit base (bitsandbytes, CUDA).", rich_help_panel="Real-size clients"
-    ),
-    gradient_checkpointing: bool = typer.Option(
-        False,
-        "--gradient-checkpointing",
-        help="Recompute activations in the backward pass (memory for time; not part of a run's identity).",
-        rich_help_panel="Real-size clients",
-    ),
-    grad_accum_steps: int | None = typer.Option(
-        None,
-        help="Micro-batches per optimizer step (effective batch = --batch-size x this; --local-steps counts "
-        "optimizer steps). [default: 1]",
-        rich_help_panel="Real-size clients",
-    ),
-    max_grad_norm: float | None = typer.Option(
-        None, help="Clip each step's gradient norm. [default: none]", rich_help_panel="Real-size clients"
-    ),
-    report_to: str | None = typer.Option(
-        None,
-        help="Also log each round to these trackers: none, tensorboard, mlflow, wandb (comma-separated; "
-        "metrics.jsonl stays the record; not part of the run's identity). [default: none]",
-    ),
-    record_updates: bool = typer.Option(
-        False,
-        "--record-updates",
-        help="Store every round's client updates under OUT/updates/ for `glora replay` (not part of the "
-        "run's identity).",
-    ),
-    target_modules: str | None = typer.Option(
-        None,
-        help=f"Comma-separated module names to adapt, or all-linear. [default: {','.join(_D.target_modules)}; "
-        f"superni: {','.join(_S['target_modules'])}]",
-    ),
-    seed: int | None = typer.Option(
-        None, help=f"Seed of everything (partition, init, sampling, batches). [default: {_D.seed}]"
-    ),
-    threads: int | None = typer.Option(None, help=f"torch CPU threads. [default: {_D.threads}]"),
-    device: str | None = typer.Option(
-        None, help=f"Where the model runs: auto (CUDA when available), cpu, cuda, cuda:N. [default: {_D.device}]"
-    ),
-    data_dir: str | None = typer.Option(
-        None, envvar="GLORA_DATA_DIR", help="Data directory. [default: ../shared/data]"
-    ),
-    hub: bool = typer.Option(
-        False, "--hub", help="Load the data from the Hugging Face hub (online) instead of --data-dir."
-    ),
-    dataset: str | None = typer.Option(
-        None,
-        help="Your own data: a .csv/.tsv/.json/.jsonl/.parquet file (gzip allowed), a folder with train.* and "
-        "validation.* (or test.*), or a hub id. Sets --task to classification, or instructions when "
-        "--response-column is given.",
-        rich_help_panel="Your own data",
-    ),
-    dataset_config: str | None = typer.Option(
-        None, help="A hub dataset's configuration name.", rich_help_panel="Your own data"
-    ),
-    dataset_revision: str | None = typer.Option(
-        None, help="A hub dataset's revision.", rich_help_panel="Your own data"
-    ),
-    validation_fraction: float | None = typer.Option(
-        None,
-        help=f"Share of a single file held out (seeded) as the validation split. [default: {_D.validation_fraction}]",
-        rich_help_panel="Your own data",
-    ),
-    text_column: str | None = typer.Option(
-        None, help="Classification: the text column.", rich_help_panel="Your own data"
-    ),
-    text_pair_column: str | None = typer.Option(
-        None, help="Classification: the second text of a pair.", rich_help_panel="Your own data"
-    ),
-    label_column: str | None = typer.Option(
-        None,
-        help="Classification: the label column (strings or integers; fractional numbers: regression). "
-        "Instructions: a category column for --alpha skew.",
-        rich_help_panel="Your own data",
-    ),
-    regression: bool | None = typer.Option(
-        None,
-        "--regression/--no-regression",
-        help="Treat the label column as a regression target (or not). [default: inferred]",
-        rich_help_panel="Your own data",
-    ),
-    partition_column: str | None = typer.Option(
-        None,
-        help="A natural partition: every distinct value's rows go to one client (a user id, a hospital, a task).",
-        rich_help_panel="Your own data",
-    ),
-    metric: str | None = typer.Option(
-        None,
-        help="The main metric: accuracy, f1_macro, matthews_correlation (2 classes), pearson, spearmanr "
-        "(regression), rougeL, exact_match (instructions). [default: the first of these the task reports]",
-        rich_help_panel="Your own data",
-    ),
-    prompt_column: str | None = typer.Option(
-        None, help="Instructions: the instruction column.", rich_help_panel="Your own data"
-    ),
-    input_column: str | None = typer.Option(
-        None, help="Instructions: an optional input column.", rich_help_panel="Your own data"
-    ),
-    response_column: str | None = typer.Option(
-        None, help="Instructions: the response column (trained on, scored by ROUGE-L).", rich_help_panel="Your own data"
-    ),
-    personal_holdout: float | None = typer.Option(
-        None,
-        help="Share of each client's own data held out and never trained on; at the end each client's own "
-        "model (personalised rules) and the global model are scored on it too. [default: 0, none]",
-    ),
-    min_client_examples: int | None = typer.Option(
-        None, help=f"Fewest examples a client holds under Dirichlet skew. [default: {_D.min_client_examples}]"
-    ),
-    superni_tasks_per_client: int | None = typer.Option(
-        None, help=f"SuperNI: training tasks per client. [default: {_D.superni_tasks_per_client}]"
-    ),
-    superni_by_category: bool = typer.Option(
-        False, "--superni-by-category", help="SuperNI: each client holds every training task of one category."
-    ),
-    superni_train_tasks: str | None = typer.Option(
-        None, help="SuperNI: comma-separated training tasks to draw the clients' tasks from. [default: all 687]"
-    ),
-    superni_test_tasks: str | None = typer.Option(
-        None, help="SuperNI: comma-separated unseen tasks to draw from. [default: the 103 official test tasks]"
-    ),
-    superni_eval_tasks: str | None = typer.Option(
-        None, help=f"SuperNI: unseen tasks scored (spread over categories), or all. [default: {_D.superni_eval_tasks}]"
-    ),
-    superni_eval_instances: int | None = typer.Option(
-        None, help=f"SuperNI: instances per unseen task. [default: {_D.superni_eval_instances}]"
-    ),
-    superni_seen_instances: int | None = typer.Option(
-        None,
-        help=f"SuperNI: held-out instances per client task (seen score; 0: none). "
-        f"[default: {_D.superni_seen_instances}]",
-    ),
-    superni_num_examples: int | None = typer.Option(
-        None, help=f"SuperNI: positive examples per prompt (0 allowed). [default: {_D.superni_num_examples}]"
-    ),
-    superni_max_target_length: int | None = typer.Option(
-        None,
-        help=f"SuperNI: target tokens trained on (the prompt gets --max-length minus this). "
-        f"[default: {_D.superni_max_target_length}]",
-    ),
-    superni_max_new_tokens: int | None = typer.Option(
-        None, help=f"SuperNI: cap on generated tokens. [default: {_D.superni_max_new_tokens}]"
-    ),
-    out: Path | None = typer.Option(None, help="Run folder. [default: runs/TASK-RULE-CONFIGHASH]"),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run in --out from its last checkpoint."
-    ),
-    progress: bool = typer.Option(True, help="Progress bars."),
-) -> None:
-    """Federated LoRA fine-tuning: a task, a rule and a federation in; a trained global adapter,
-    per-round metrics and a summary table out."""
-    from rich.console import Console
-
+def _execute(cfg: RunConfig, folder: Path, resume: bool, progress: bool) -> None:
+    """Run the federation; on Ctrl-C, say what is saved and how to continue."""
     from glora.experiments.tables import print_summary
     from glora.federation.simulation import run_federation
 
-    given = {
-        "task": task,
-        "rule": rule,
-        "backbone": backbone,
-        "clients": clients,
-        "alpha": alpha,
-        "ranks": ranks,
-        "rounds": rounds,
-        "fraction": fraction,
-        "local_steps": local_steps,
-        "local_epochs": local_epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "head_lr": head_lr,
-        "head_lr_ratio": head_lr_ratio,
-        "logit_adjustment": logit_adjustment,
-        "pooling": pooling,
-        "max_length": max_length,
-        "eval_every": eval_every,
-        "eval_batch_size": eval_batch_size,
-        "eval_ranks": eval_ranks,
-        "max_train_examples": max_train_examples,
-        "max_eval_examples": max_eval_examples,
-        "weighting": weighting,
-        "eval_split": eval_split,
-        "seed": seed,
-        "threads": threads,
-        "device": device,
-        "data_dir": data_dir,
-        "target_modules": tuple(target_modules.split(",")) if target_modules else None,
-        "dataset": dataset,
-        "dataset_config": dataset_config,
-        "dataset_revision": dataset_revision,
-        "validation_fraction": validation_fraction,
-        "text_column": text_column,
-        "text_pair_column": text_pair_column,
-        "label_column": label_column,
-        "regression": regression,
-        "partition_column": partition_column,
-        "metric": metric,
-        "prompt_column": prompt_column,
-        "input_column": input_column,
-        "response_column": response_column,
-        "min_client_examples": min_client_examples,
-        "dtype": dtype,
-        "grad_accum_steps": grad_accum_steps,
-        "max_grad_norm": max_grad_norm,
-        "report_to": report_to,
-        "personal_holdout": personal_holdout,
-        "superni_tasks_per_client": superni_tasks_per_client,
-        "superni_train_tasks": superni_train_tasks,
-        "superni_test_tasks": superni_test_tasks,
-        "superni_eval_instances": superni_eval_instances,
-        "superni_seen_instances": superni_seen_instances,
-        "superni_num_examples": superni_num_examples,
-        "superni_max_target_length": superni_max_target_length,
-        "superni_max_new_tokens": superni_max_new_tokens,
-    }
-    flags = {
-        "random_gauge": random_gauge,
-        "rslora": rslora,
-        "superni_by_category": superni_by_category,
-        "record_updates": record_updates,
-        "load_in_4bit": load_in_4bit,
-        "load_in_8bit": load_in_8bit,
-        "gradient_checkpointing": gradient_checkpointing,
-    }
-    folder: Path | None = None
     try:
-        if superni_eval_tasks is not None:
-            given["superni_eval_tasks"] = _count_or_all("--superni-eval-tasks", superni_eval_tasks)
-        # One dict, then from_dict: the task's defaults fill whatever neither the file nor
-        # the command line sets.
-        values = RunConfig.read_toml(config) if config else {}
-        values.update({k: v for k, v in given.items() if v is not None})
-        if values.get("dataset") and "task" not in values:
-            # Your own data: the columns given say which kind of task it is.
-            values["task"] = "instructions" if values.get("response_column") else "classification"
-        values.update({k: True for k, v in flags.items() if v})
-        cfg = RunConfig.from_dict(values)
-        if iid:
-            cfg = cfg.replace(alpha=None)
-        if hub:
-            cfg = cfg.replace(data_source="hub")
-        if rule_option:
-            cfg = cfg.replace(rule_options={**cfg.rule_options, **_rule_options(rule_option)})
-        folder = out or Path("runs") / f"{cfg.task}-{cfg.rule}-{cfg.identity()}"
         summary = run_federation(cfg, folder, resume=resume, progress=progress)
-    except (ValueError, FileNotFoundError) as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        if folder is not None:
-            _interrupted(folder, out)
+        _interrupted(folder)
         raise typer.Exit(130) from None
     print_summary(summary, folder)
 
 
-def _interrupted(folder: Path, out: Path | None) -> None:
+app.command(name="run")(run_command(RunConfig, _execute))
+
+
+@app.command()
+def config(
+    task: str = typer.Option(RunConfig.task, help="The task whose defaults fill the file."),
+    flower: bool = typer.Option(
+        False, "--flower", help="The [tool.flwr.app.config] section of a Flower app instead (pyproject.toml)."
+    ),
+) -> None:
+    """Every run option as TOML, with its help: a file for `glora run --config`, or (--flower)
+    the section a Flower app's pyproject.toml declares."""
+    from glora.federation.config_template import run_toml
+    from glora.flower.config import flower_toml
+
+    try:
+        typer.echo(flower_toml() if flower else run_toml(RunConfig.for_task(task)), nl=False)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _interrupted(folder: Path) -> None:
     """What Ctrl-C leaves, and the exact command that continues it."""
     import shlex
     import sys
@@ -439,23 +90,13 @@ def _interrupted(folder: Path, out: Path | None) -> None:
 
     rows = RunStore(folder).metrics() if folder.exists() else []
     args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-    args += ["--out", str(folder)] if out is None else []
+    args += [] if "--out" in sys.argv else ["--out", str(folder)]
     done = f"rounds up to {rows[-1]['round']} are saved" if rows else "no round had finished"
     Console(stderr=True).print(
         f"[yellow]interrupted[/yellow]: {done} in {folder}; continue from the last checkpoint with:\n"
         f"  {shlex.join(['glora', *args])}",
         soft_wrap=True,
     )
-
-
-def _count_or_all(option: str, text: str) -> int | None:
-    """A positive count, or None for 'all'."""
-    if text.strip().lower() == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{option} {text!r}: give a number of tasks or 'all'") from None
 
 
 def _csv(text: str | None, kind: type = str) -> list | None:
@@ -468,7 +109,9 @@ def _csv(text: str | None, kind: type = str) -> list | None:
 def _packaged_presets() -> list[str]:
     from importlib import resources
 
-    folder = resources.files("glora.experiments").joinpath("presets")
+    # Listed without importing glora.experiments.grid.preset (and torch with it): the help
+    # text below is built whenever the CLI is imported.
+    folder = resources.files("glora.experiments.grid").joinpath("presets")
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
@@ -508,23 +151,50 @@ def sweep(
 ) -> None:
     """Run a preset's grid (rules x settings x tasks x seeds): finished runs are skipped,
     interrupted ones resumed, failing ones recorded; re-run the command to continue."""
+    import shlex
+
     from rich.console import Console
 
-    from glora.experiments.sweep import sweep_command
+    from glora.experiments.grid.preset import load_preset
+    from glora.experiments.sweep.command import sweep_command
 
     try:
+        grid = load_preset(preset)
+        folder = results or Path("runs") / "sweeps" / grid.name
+        picked_seeds, rules, tasks, settings = _csv(seeds, int), _csv(only_rules), _csv(only_tasks), _csv(only_settings)
+        sources = _csv(reuse_from, Path)
+        # The command that sweep.json records and an interrupted sweep prints: the options that
+        # choose the runs, with the results folder spelled out so that it re-runs into this one;
+        # --threads and --no-progress change how the runs go, not which, and are left out.
+        parts = ["glora", "sweep", preset, "--results", str(folder)]
+        chosen = (
+            ("--seeds", picked_seeds),
+            ("--only-rules", rules),
+            ("--only-tasks", tasks),
+            ("--only-settings", settings),
+            ("--lr-from", [lr_from] if lr_from is not None else None),
+            ("--reuse-from", sources),
+        )
+        for flag, values in chosen:
+            if values:
+                parts += [flag, ",".join(str(v) for v in values)]
+        if lr_per_rule:
+            parts.append("--lr-per-rule")
+        if report_to:
+            parts += ["--report-to", report_to]
         sweep_command(
-            preset,
-            results,
+            grid,
+            folder,
+            shlex.join(parts),
             dry_run,
-            _csv(seeds, int),
-            _csv(only_rules),
-            _csv(only_tasks),
-            _csv(only_settings),
+            picked_seeds,
+            rules,
+            tasks,
+            settings,
             threads,
             progress,
             lr_from=lr_from,
-            reuse_from=_csv(reuse_from, Path),
+            reuse_from=sources,
             lr_per_rule=lr_per_rule,
             report_to=report_to,
         )
@@ -547,7 +217,7 @@ def report(
     """Tables (markdown, CSV) and plots of a sweep: mean ± std over seeds, best marked."""
     from rich.console import Console
 
-    from glora.experiments.report import write_report
+    from glora.experiments.render.report import write_report
 
     try:
         written = write_report(results_dir, out, plots=plots, last=last_evals)
@@ -559,16 +229,12 @@ def report(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context) -> None:
-    """Server cost of every aggregation rule: time, memory and traffic of one round (runs
-    benchmarks/aggregation.py with these arguments; `glora bench --help` lists them)."""
-    import subprocess
-    import sys
+    """Server cost of every aggregation rule: time, memory and traffic of one round, written
+    to results/bench/ (`glora bench --help` lists the options; glora.experiments.bench)."""
+    from glora.experiments.bench.main import main as run_bench
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "aggregation.py"
-    if not script.exists():
-        typer.echo(f"error: {script} not found; glora bench runs from a source checkout (pip install -e .)", err=True)
-        raise typer.Exit(2)
-    raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+    # The benchmark parses its own options; the command line recorded with its numbers is this one.
+    run_bench(ctx.args, command=" ".join(["glora", "bench", *ctx.args]), prog="glora bench")
 
 
 @app.command()
@@ -659,7 +325,7 @@ def aggregate(
 
     try:
         w = None if weights is None else _csv(weights, float)
-        result = aggregate_adapters(adapters, w, rule, **_rule_options(rule_option))
+        result = aggregate_adapters(adapters, w, rule, **parse_key_values(rule_option, "--rule-option"))
         write_adapters(out, result)
     except (ValueError, typer.BadParameter) as e:
         typer.echo("error: " + " ".join(str(e).split()), err=True)  # one line, whatever the message
@@ -673,7 +339,7 @@ def aggregate(
 @app.command()
 def table(folders: list[Path] = typer.Argument(..., help="Run folders (of `glora run`).")) -> None:
     """A markdown table of individual runs: metric at each evaluated round, per rank, cost."""
-    from glora.experiments.runs_table import runs_markdown
+    from glora.experiments.render.runs_table import runs_markdown
 
     typer.echo(runs_markdown(folders), nl=False)
 

@@ -10,22 +10,25 @@ Per layer, all in low-rank form; no (d_out, d_in) matrix is ever built:
 5. a readout at any rank r is the truncated SVD of U C, nested in r, in the
    "balanced" or "a-normal" gauge, padded with a fresh LoRA A where U C has fewer than
    r non-zero singular values.
+
+This module is the rule: its options, the input checks (those of ``Rule.aggregate``, for
+both routes), the server rank policy and which route serves a layer. The mathematics of
+both routes, the exact one per layer (``aggregate``) and the Gram one over batches of
+layers (``aggregate_layers``), is in glora_batched.py, once.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from glora.aggregation.base import LayerState, Rule, normalize_weights
-from glora.aggregation.glora_batched import Options, glora_batch
+from glora.aggregation.base import LayerState, Rule, check_updates, normalize_weights
+from glora.aggregation.glora_batched import Options, glora_batch, glora_layer
 from glora.aggregation.spectral import ReadoutGauge, SpectralState
-from glora.lowrank import DEFAULT_RTOL, LowRank, numerical_rank
+from glora.lowrank import DEFAULT_RTOL, LowRank
 
 Consensus = Literal["projector", "energy"]
 
@@ -35,19 +38,6 @@ Consensus = Literal["projector", "energy"]
 # buffers are reused from the heap from one batch to the next instead of being mapped,
 # page-faulted and unmapped every time.
 CHUNK_BYTES = 16 * 2**20
-
-
-@dataclass(frozen=True)
-class _Stacked:
-    """All clients' canonical forms side by side: Q = sum_i q_i columns.
-
-    X (d_out, Q), Y (d_in, Q), sig (Q,), w (Q,) each column's client weight.
-    """
-
-    X: Tensor
-    Y: Tensor
-    sig: Tensor
-    w: Tensor
 
 
 def server_rank_policy(rank: int | str | None) -> Callable[[list[int]], int]:
@@ -140,24 +130,18 @@ class GLoRA(Rule):
         self.readout_gauge, self.memory, self.restart, self.keep_tail = readout_gauge, memory, restart, keep_tail
         self.dtype, self.rtol, self.seed = dtype, rtol, seed
 
+    def _options(self, ranks: Sequence[int]) -> Options:
+        """The round's options for the core: R from this round's client ranks."""
+        return Options(
+            self._policy(list(ranks)), self.threshold, self.consensus == "energy", self.sides, self.rtol, self.memory
+        )
+
     def _aggregate(self, updates: list[LowRank], weights: Tensor, previous: LayerState | None) -> SpectralState:
         updates = self._with_tails(updates, previous)
-        stacked = self._stack(updates, weights)
-        R = self._policy([u.rank for u in updates])
         prev = previous if isinstance(previous, SpectralState) and self.memory > 0 else None
-        U = self._basis(stacked.X, stacked, R, None if prev is None else (prev.Ub, prev.lam))
-        coeff = (U.T @ stacked.X) * (stacked.w * stacked.sig)  # (R, Q): w_i U^T X_i diag(sig_i)
-        if self.sides == 1:
-            C = coeff @ stacked.Y.T  # (R, d_in)
-            P, lam, Qh = torch.linalg.svd(C, full_matrices=False)
-            Ub, Q = U @ P, Qh.T
-        else:
-            V = self._basis(stacked.Y, stacked, R, None if prev is None else (prev.Q, prev.lam))
-            K = coeff @ (stacked.Y.T @ V)  # (R, R)
-            P, lam, Qh = torch.linalg.svd(K)
-            Ub, Q = U @ P, V @ Qh.T
-        keep = numerical_rank(lam, self.rtol)
-        return self._state(Ub[:, :keep].contiguous(), lam[:keep].contiguous(), Q[:, :keep].contiguous(), updates)
+        opts = self._options([u.rank for u in updates])
+        state = glora_layer(updates, weights, opts, self.dtype, None if prev is None else (prev.Ub, prev.lam, prev.Q))
+        return self._state(*state, updates)
 
     def _state(self, Ub: Tensor, lam: Tensor, Q: Tensor, updates: Sequence[LowRank]) -> SpectralState:
         return SpectralState(
@@ -173,29 +157,34 @@ class GLoRA(Rule):
         """Aggregate every layer of a model: ``updates[layer][client]``.
 
         Same states as ``aggregate`` layer by layer (up to rounding, see glora_batched.GRAM_TOL),
-        computed in batches of layers that share a shape and the clients' ranks. Layers the
-        batched route does not take (a previous state to blend with ``memory``, sum r_i above
-        the layer's width, an accuracy check that fails, bad input) go through ``aggregate``,
-        which also raises the ValueErrors for bad input.
+        computed on the Gram route in batches of layers that share a shape and the clients'
+        ranks, after the same input checks as ``aggregate`` (which raise the same errors).
+        Layers the Gram route does not take (a previous state to blend with ``memory``, sum r_i
+        above the layer's width, an accuracy gate that fails) go through ``aggregate``.
         """
         previous = previous or {}
         out: dict[str, LayerState | None] = dict.fromkeys(updates)
         batches: dict[tuple, list[str]] = {}
-        full: dict[str, list[LowRank]] = {}  # the well-formed layers' updates, with tails where kept
+        full: dict[str, list[LowRank]] = {}  # the batched layers' updates, with tails where kept
         for name, ups in updates.items():
-            key = self._batch_key(ups, previous.get(name))
-            if key is not None:
-                full[name] = self._with_tails(list(ups), previous.get(name))
-                key = self._batch_key(full[name], previous.get(name))
+            prev = previous.get(name)
+            if self.memory > 0 and isinstance(prev, SpectralState):
+                out[name] = self.aggregate(ups, weights, prev)  # only the exact route blends in a previous basis
+                continue
+            # The checks ``aggregate`` runs (the same errors), before the Gram route reads the factors.
+            normalize_weights(weights, len(ups))
+            check_updates(ups, self.name)
+            tailed = self._with_tails(list(ups), prev)
+            key = self._batch_key(tailed)
             if key is None:
-                out[name] = self.aggregate(ups, weights, previous.get(name))
+                out[name] = self.aggregate(ups, weights, prev)
             else:
+                full[name] = tailed
                 batches.setdefault(key, []).append(name)
         with torch.no_grad():
             for (d_out, d_in, ranks, _), names in batches.items():
                 w = normalize_weights(weights, len(ranks))
-                R = self._policy(list(ranks))
-                opts = Options(R, self.threshold, self.consensus == "energy", self.sides, self.rtol)
+                opts = self._options(ranks)
                 per_layer = sum(ranks) * (d_out + (d_in if self.sides == 2 else 0)) * self.dtype.itemsize
                 size = max(1, CHUNK_BYTES // per_layer)
                 for start in range(0, len(names), size):
@@ -222,51 +211,13 @@ class GLoRA(Rule):
             out.append(u)
         return out
 
-    def _batch_key(self, updates: Sequence[LowRank], previous: LayerState | None) -> tuple | None:
-        """What a layer is batched by, (d_out, d_in, client ranks, client dtype), or None where it
-        goes through ``aggregate``: malformed input (which ``aggregate`` reports), a previous
-        state to blend, or more stacked columns than the Gram route saves on."""
-        if not updates or (self.memory > 0 and isinstance(previous, SpectralState)):
-            return None
-        d_out, d_in = updates[0].B.shape[0], updates[0].A.shape[-1]
-        for u in updates:
-            if u.B.ndim != 2 or u.A.ndim != 2 or u.B.shape[1] != u.A.shape[0] or u.shape != (d_out, d_in):
-                return None
-            if not math.isfinite(u.scale):
-                return None
+    def _batch_key(self, updates: Sequence[LowRank]) -> tuple | None:
+        """What a checked layer is batched by, (d_out, d_in, client ranks, client dtype), or None
+        where it goes through ``aggregate``: no update at all, or more stacked columns than
+        the Gram route saves on."""
+        d_out, d_in = updates[0].shape
         ranks = tuple(u.rank for u in updates)
         n = sum(ranks)
         if n == 0 or n > d_out or (self.sides == 2 and n > d_in):
             return None
         return (d_out, d_in, ranks, updates[0].dtype)
-
-    def _stack(self, updates: list[LowRank], weights: Tensor) -> _Stacked:
-        forms = [u.canonical(self.rtol, self.dtype) for u in updates]
-        w = torch.cat([wi.to(self.dtype).repeat(f.rank) for f, wi in zip(forms, weights, strict=True)])
-        return _Stacked(
-            X=torch.cat([f.X for f in forms], dim=1),
-            Y=torch.cat([f.Y for f in forms], dim=1),
-            sig=torch.cat([f.sig for f in forms]),
-            w=w,
-        )
-
-    def _basis(self, Z: Tensor, s: _Stacked, R: int, prev: tuple[Tensor, Tensor] | None) -> Tensor:
-        """Top consensus directions of the columns of Z (X or Y), orthonormal (d, R')."""
-        col = torch.sqrt(s.w)
-        if self.consensus == "energy":
-            col = col * s.sig
-        M = Z * col
-        if prev is not None:
-            pcol = torch.full_like(prev[1], self.memory**0.5)
-            if self.consensus == "energy":
-                pcol = pcol * prev[1]
-            M = torch.cat([M * (1 - self.memory) ** 0.5, prev[0].to(self.dtype) * pcol], dim=1)
-        if M.shape[1] == 0:
-            return M.new_zeros(M.shape[0], 0)
-        U, S, _ = torch.linalg.svd(M, full_matrices=False)
-        eig = S**2  # eigenvalues of the weighted projector (or energy) average
-        k = min(R, numerical_rank(S, self.rtol))
-        if self.threshold is not None:
-            ref = 1.0 if self.consensus == "projector" else float(eig[0])
-            k = min(k, int((eig >= self.threshold * ref).sum()))
-        return U[:, :k]

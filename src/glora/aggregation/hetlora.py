@@ -1,11 +1,12 @@
 """HetLoRA (Cho, Liu, Xu, Fahrezi, Joshi, "Heterogeneous LoRA for Federated Fine-tuning of
-On-Device Foundation Models", EMNLP 2024, arXiv 2401.06432): zero-pad, weight by update norm,
-truncate; clients self-prune their rank.
+On-Device Foundation Models", EMNLP 2024, arXiv 2401.06432): zero-pad, weight by data weight
+times update norm, truncate; clients self-prune their rank.
 
-Server step (the paper's "sparsity-weighted aggregation"): pad every client's B_i
-(d_out, r_i) with zero columns and A_i (r_i, d_in) with zero rows to the largest rank
-r_max, weight client i by p_i = ||Delta_i||_F / sum_j ||Delta_j||_F with
-Delta_i = s_i B_i A_i, and average the padded factors:
+Server step (the paper's "sparsity-weighted aggregation", with the data weights under it): pad
+every client's B_i (d_out, r_i) with zero columns and A_i (r_i, d_in) with zero rows to the
+largest rank r_max, weight client i by p_i = w_i ||Delta_i||_F / sum_j w_j ||Delta_j||_F with
+w_i its data weight (the ``weights`` given to ``aggregate``: example counts, or 1 each under
+uniform weighting) and Delta_i = s_i B_i A_i, and average the padded factors:
 B = sum_i p_i pad(s_i B_i), A = sum_i p_i pad(A_i). A client of rank r gets the leading
 r columns of B and rows of A. ||Delta_i||_F^2 = s_i^2 <B_i^T B_i, A_i A_i^T> comes from
 two r_i x r_i Gram matrices: no d_out x d_in matrix is formed.
@@ -26,8 +27,13 @@ readout, the rest of its rank-r peft adapter held at zero (:meth:`HetLoRA.local_
 B = 0, a trailing size of 0 that cannot shrink: pruning can begin in round 2.
 
 What we followed, and what we could not check:
-- Weights: the paper weights by the update norms alone, ||S_k|| / Z with S_k = B_k A_k and
-  Z their sum (its Figure 2 caption, as a third-party summary quotes it); no example counts.
+- Weights: the paper's sparsity-weighted aggregation (its method section, summarised by its
+  Figure 2) weights client k by ||S_k|| / Z, the Frobenius norm of its reconstructed update
+  Delta W_k = B_k A_k over Z, their sum: "After padding, aggregate all of the clients' LoRA
+  modules with the weights ||S_k^(t)|| / Z^(t) calculated by Delta W_k^(t)" (Figure 2 caption, as
+  a third-party summary quotes it; the section's own text and the paper's objective, where
+  example counts would enter, could not be read from here). The caption names no example
+  counts; the abstract calls the aggregation "data-aware".
 - Self-pruning: the paper's text on it could not be read from here (only its abstract and
   summaries, which say that clients prune their own rank during local training). The penalty
   (the product of the trailing factors' norms), the test (smaller after local training than
@@ -38,14 +44,20 @@ What we followed, and what we could not check:
   reimplementation uses gamma = 0.99, lambda = 0.01) and any floor on the rank other than 1.
 
 Where we differ from the paper, and why:
-- ``data_weighted=True`` (our option) makes p_i proportional to w_i ||Delta_i||_F; by
-  default the ``weights`` given to ``aggregate`` are ignored, as in the paper.
+- The data weights multiply the norm weights (``data_weighted=True``, the default), so that
+  a client's weight means here what it means to every other rule: a client of weight 0 is
+  left out instead of being weighted by its update norm alone (which let such a client,
+  sending a 100x update, move the aggregate 566x the clean norm: issue #30), and a client's
+  example count still counts, the norm weighting on top. With uniform client weights
+  (``--weighting uniform``) this is the caption's weighting exactly. ``data_weighted=False``
+  is the norm weighting alone, the rule every run recorded before this default changed ran
+  (:attr:`HetLoRA.legacy_options`).
 - Each client's LoRA scale s_i is folded into its B before padding (the paper's
   B_k A_k has it implicitly), so clients with different scales are weighted and
   averaged by their actual updates; the global adapter carries scale 1 and a readout
   at scale s divides B by s. With equal scales this is the paper's mean of the B's.
-- When every update is zero (round 0: B = 0 everywhere) the norm weights are 0/0; the
-  data weights are used instead.
+- When the weighted norms sum to 0 (round 0: B = 0 everywhere) the p_i are 0/0; the data
+  weights are used instead.
 - A client whose rank exceeds r_max gets zero columns of B and fresh LoRA rows of A.
 - The penalty is on the factors as peft stores them, without the LoRA scale s (a constant
   that ``prune_gamma`` absorbs).
@@ -61,6 +73,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -140,9 +153,10 @@ class PaddedState(LayerState):
 
 
 class HetLoRA(Rule):
-    """Zero-padding, update-norm-weighted averaging, truncation; any client ranks.
+    """Zero-padding, averaging weighted by data weight times update norm, truncation; any ranks.
 
-    data_weighted: multiply the norm weights by the example-count weights (not in the paper).
+    data_weighted: multiply the norm weights by the data weights (default); false weights by
+        the update norms alone, as the paper's Figure 2 caption states them.
     prune_gamma: strength of the penalty on a client's trailing rank components (the paper's
         lambda); 0, the default, turns self-pruning off.
     prune_ratio: the fraction of its rank a client keeps when it prunes (the paper's gamma).
@@ -150,9 +164,12 @@ class HetLoRA(Rule):
     """
 
     name = "hetlora"
+    # The option values that runs recorded before a default changed meant by leaving the
+    # option out (see RunConfig.from_saved): the norm weights alone.
+    legacy_options: ClassVar[dict[str, object]] = {"data_weighted": False}
 
     def __init__(
-        self, data_weighted: bool = False, prune_gamma: float = 0.0, prune_ratio: float = 0.9, seed: int = 0
+        self, data_weighted: bool = True, prune_gamma: float = 0.0, prune_ratio: float = 0.9, seed: int = 0
     ) -> None:
         if not prune_gamma >= 0:
             raise ValueError(f"hetlora: prune_gamma must be >= 0 (0 turns self-pruning off), got {prune_gamma}")
@@ -179,7 +196,8 @@ class HetLoRA(Rule):
         return j if after < before else k
 
     def aggregation_weights(self, updates: list[LowRank], weights: Tensor) -> Tensor:
-        """The p_i of the padded average (K,) float64, summing to 1."""
+        """The p_i of the padded average (K,) float64, summing to 1; 0 for a client of data
+        weight 0 unless ``data_weighted`` is off."""
         p = update_norms(updates)
         if self.data_weighted:
             p = p * weights

@@ -1,5 +1,6 @@
 """GLUE data: task specs, readers (offline copy or hub), cached tokenisation, metrics, partitioners."""
 
+from glora.cache import default_cache_dir
 from glora.data.glue import (
     ALIASES,
     GLUE_TASKS,
@@ -13,7 +14,7 @@ from glora.data.glue import (
 )
 from glora.data.metrics import compute_metrics, main_metric
 from glora.data.partition import dirichlet_partition, iid_partition, label_buckets, label_skew
-from glora.data.paths import default_cache_dir, default_data_dir
+from glora.data.paths import default_data_dir
 
 __all__ = [
     "ALIASES",

@@ -12,10 +12,16 @@ Every problem is a ValueError naming the path, column or value, before any model
 
 from __future__ import annotations
 
+import gzip
+import json
+import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from glora.data.jsonl import DAMAGED, read_jsonl
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_SEED = 0
@@ -47,17 +53,66 @@ def file_kind(path: Path) -> str:
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
     from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar, set_verbosity_error
+    from datasets.utils.logging import disable_progress_bar, set_verbosity, set_verbosity_error
 
     disable_progress_bar()
     set_verbosity_error()
     kind = file_kind(path)
     extra = {"delimiter": "\t"} if kind == ".tsv" else {}
+    # The builders log a file they cannot read before raising: the ValueError below says it once.
+    set_verbosity(logging.CRITICAL)
     try:
         ds = load_dataset(BUILDERS[kind], data_files={"train": str(path)}, split="train", **extra)
-    except Exception as e:  # pyarrow, gzip and json raise many kinds; each becomes one line
-        raise ValueError(f"--dataset {path}: could not read it as {kind[1:]}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # pyarrow, pandas, gzip and json raise many kinds; each becomes one line
+        check_damage(path, kind)
+        raise ValueError(f"--dataset {path}: could not read it as {kind[1:]} ({first_cause(e)}); {DAMAGED}") from None
+    finally:
+        set_verbosity(logging.ERROR)
     return ds.to_list()
+
+
+def check_damage(path: Path, kind: str) -> None:
+    """ValueError for what the datasets library's error would not say, or not name the line
+    of: a truncated or corrupt gzip stream, an empty file, a line of JSON that does not parse.
+    Returns when it finds none of these."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    blank = True
+    try:
+        with opener(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                blank = blank and not chunk.strip()
+    except EOFError:
+        raise ValueError(f"--dataset {path}: the gzip stream ends early (truncated file); {DAMAGED}") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"--dataset {path}: not a readable gzip file ({e}); {DAMAGED}") from None
+    if blank:
+        raise ValueError(f"--dataset {path}: the file is empty (no rows); {DAMAGED}")
+    if kind == ".json":
+        # One JSON document (an array of rows) or JSON Lines: a document that parses up to
+        # "Extra data" on its second line is JSON Lines, checked line by line below.
+        with opener(path, "rt", encoding="utf-8") as f:
+            try:
+                json.load(f)
+                return
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":
+                    raise ValueError(
+                        f"--dataset {path}: line {e.lineno} is not valid JSON ({e.msg}: column {e.colno}); {DAMAGED}"
+                    ) from None
+            except UnicodeDecodeError:
+                raise ValueError(f"--dataset {path}: not UTF-8 text; {DAMAGED}") from None
+    if kind in (".json", ".jsonl"):
+        for _ in read_jsonl(path, remedy=DAMAGED):
+            pass
+
+
+def first_cause(e: BaseException) -> str:
+    """The error at the root of ``e``'s chain, on one line: the datasets library wraps the
+    reader's own error (pandas' names the CSV line) in a DatasetGenerationError."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _split_file(path: Path) -> tuple[Path, Path]:

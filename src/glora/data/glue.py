@@ -6,7 +6,6 @@ Rows are plain dicts with the Hugging Face ``glue`` field names and label ids (s
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -21,7 +20,9 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from glora.data.paths import DATA_ENV, data_dir_candidates, default_cache_dir, default_data_dir
+from glora.cache import default_cache_dir
+from glora.data.jsonl import read_jsonl
+from glora.data.paths import DATA_ENV, data_dir_candidates, default_data_dir
 
 SPLITS = ("train", "validation")
 
@@ -209,8 +210,11 @@ def load_glue(task: str, split: str, data_dir: Path | str | None = None, source:
             f"with the layout glue/<task>/<split>.jsonl.gz (see shared/data/README.md), "
             f"or load the split online with source='hub'."
         )
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    remedy = (
+        "the file is damaged; restore it from the offline copy (its verify.py checks every file), "
+        "or load the split online with source='hub'"
+    )
+    return list(read_jsonl(path, (*spec.text_fields, "label"), remedy))
 
 
 def _load_hub(spec: TaskSpec, split: str) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Where the offline data and the tokenisation cache live.
+"""Where the offline data lives (the tokenisation cache: :mod:`glora.cache`).
 
 The data directory holds the layout of ``shared/data`` (``glue/<task>/<split>.jsonl.gz``);
 see that folder's README.md.
@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 DATA_ENV = "GLORA_DATA_DIR"
-CACHE_ENV = "GLORA_CACHE_DIR"
 
 
 def data_dir_candidates() -> list[Path]:
@@ -36,9 +35,3 @@ def default_data_dir() -> Path:
         if path.is_dir():
             return path.resolve()
     return candidates[0]
-
-
-def default_cache_dir() -> Path:
-    """``GLORA_CACHE_DIR`` if set, else ``./cache`` (gitignored in the repository)."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.cwd() / "cache"

@@ -10,9 +10,7 @@ of the official default split). Test tasks keep their official evaluation instan
 from __future__ import annotations
 
 import difflib
-import gzip
 import hashlib
-import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +18,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from glora.data.jsonl import read_jsonl
 from glora.data.paths import default_data_dir
+
+REMEDY = "the file is damaged; restore it from the offline copy (its verify.py checks every file)"
 
 
 @dataclass(frozen=True)
@@ -85,23 +86,25 @@ class SuperNI:
     def tasks(self) -> dict[str, TaskInfo]:
         """Every task's metadata, by name."""
         out = {}
-        with gzip.open(self.root / "task_metadata.jsonl.gz", "rt", encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                out[row["task_name"]] = TaskInfo(
-                    name=row["task_name"],
-                    split=row["split"],
-                    category=row["categories"][0],
-                    # Tk-Instruct's convention: a task with several definitions uses the first.
-                    definition=row["definition"][0].strip(),
-                    positive_examples=tuple(
-                        Example(str(e["input"]).strip(), str(e["output"]).strip()) for e in row["positive_examples"]
-                    ),
-                )
+        fields = ("task_name", "split", "categories", "definition", "positive_examples")
+        for row in read_jsonl(self.root / "task_metadata.jsonl.gz", fields, REMEDY):
+            out[row["task_name"]] = TaskInfo(
+                name=row["task_name"],
+                split=row["split"],
+                category=row["categories"][0],
+                # Tk-Instruct's convention: a task with several definitions uses the first.
+                definition=row["definition"][0].strip(),
+                positive_examples=tuple(
+                    Example(str(e["input"]).strip(), str(e["output"]).strip()) for e in row["positive_examples"]
+                ),
+            )
         return out
 
     def _read_list(self, split: str) -> list[str]:
-        names = (self.root / "splits" / f"{split}_tasks.txt").read_text(encoding="utf-8").split()
+        path = self.root / "splits" / f"{split}_tasks.txt"
+        names = path.read_text(encoding="utf-8").split()
+        if not names:
+            raise ValueError(f"{path}: the file is empty (no task names); {REMEDY}")
         for name in names:
             self.task(name)
         return names
@@ -146,16 +149,14 @@ class SuperNI:
     def instances(self, name: str, limit: int | None = None) -> list[Instance]:
         """The task's instances in file order (test tasks: the official evaluation ones first)."""
         out, dropped = [], 0
-        with gzip.open(self.task_file(name), "rt", encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                outputs = tuple(o for o in row["output"] if o.strip())
-                if not outputs:
-                    dropped += 1
-                    continue
-                out.append(Instance(row["id"], name, row["input"], outputs))
-                if limit is not None and len(out) >= limit:
-                    break
+        for row in read_jsonl(self.task_file(name), ("id", "input", "output"), REMEDY):
+            outputs = tuple(o for o in row["output"] if o.strip())
+            if not outputs:
+                dropped += 1
+                continue
+            out.append(Instance(row["id"], name, row["input"], outputs))
+            if limit is not None and len(out) >= limit:
+                break
         self.num_empty_dropped[name] = dropped
         return out
 

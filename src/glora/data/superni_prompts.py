@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from glora.data.paths import default_cache_dir
+from glora.cache import default_cache_dir
 from glora.data.superni import Example, Instance, SuperNI, TaskInfo
 
 # Bumped whenever the template or the budget rule changes, so old cache files are not reused.

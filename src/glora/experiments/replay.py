@@ -28,9 +28,9 @@ from glora.aggregation import ClientPlan, LayerState, average_params, get_rule
 from glora.data.metrics import compute_metrics
 from glora.experiments.statistics import Stat
 from glora.experiments.sweep_results import load_results
+from glora.federation.client import adapted_model
 from glora.federation.config import RunConfig
 from glora.federation.results import RunStore
-from glora.federation.simulation import adapted_model
 from glora.lowrank import LowRank
 from glora.tasks import build_task
 

@@ -1,5 +1,10 @@
 """A sweep folder read back: ``sweep.json`` (which grid cells each run fills) and each run
-folder's config, summary, per-round metrics and provenance, for the report and the plots."""
+folder's config, summary, per-round metrics and provenance, for the report and the plots.
+
+The folder's layout (the index file, a failed run's error file, the status a run folder is
+in) is defined here, the lowest layer: the sweep runner that writes a folder and every
+reader of one import it from here, so none of them imports another to agree on it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glora.experiments.sweep import ERROR, FAILED, FINISHED, INDEX, run_status
-from glora.federation.results import RunStore, run_device
+from glora.federation.results import CONFIG, SUMMARY, RunStore, run_device
 
+INDEX = "sweep.json"
+ERROR = "error.txt"
+FINISHED, INTERRUPTED, FAILED, TODO = "finished", "interrupted", "failed", "to run"
 REFERENCES = ("centralized", "local")
+
+
+def run_status(folder: Path) -> str:
+    """finished (summary.json), failed (error.txt), interrupted (config.json only) or to run."""
+    if (folder / SUMMARY).exists():
+        return FINISHED
+    if (folder / ERROR).exists():
+        return FAILED
+    if (folder / CONFIG).exists():
+        return INTERRUPTED
+    return TODO
 
 
 @dataclass

@@ -1,15 +1,25 @@
-"""Client local training: a fresh AdamW each round (as the rules' reference code does),
-a fixed number of steps over the client's shuffled data."""
+"""A client's side of a round, wherever it runs (this process or a Flower ClientApp): its model
+(the backbone with an adapter per rank), its round (:func:`train_client`: start from what the
+server sent, train, keep what the rule lets it keep) and the local training loop (a fresh
+AdamW each round, as the rules' reference code does, for a fixed number of steps over the
+client's shuffled data)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from glora.models.device import to_device
+from glora.aggregation import Rule
+from glora.aggregation.base import leading, within_rank
+from glora.federation.config import RunConfig
+from glora.federation.engine import ClientState, ClientUpdate, client_steps
+from glora.lowrank import LowRank, random_gauge_matrix
+from glora.models.device import resolve_device, to_device
+from glora.models.lora import AdaptedModel, adapter_name
+from glora.tasks import FederatedTask
 
 BatchFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
 
@@ -92,3 +102,95 @@ def local_train(
             on_step()
     model.eval()
     return losses
+
+
+def adapted_model(task: FederatedTask, cfg: RunConfig, ranks: list[int]) -> AdaptedModel:
+    """The task's backbone on the run's device, with a LoRA adapter for each of ``ranks``
+    (and activation checkpointing with ``--gradient-checkpointing``). A quantized base is
+    placed by its loader and not moved."""
+    model = task.model
+    device = resolve_device(cfg.device)
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        model = model.to(device)
+    elif isinstance(getattr(model, "classifier", None), torch.nn.Module):
+        model.classifier.to(device)  # a head glora added is not the loader's to place
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: the frozen base's inputs need no gradient for the adapters to get one.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return AdaptedModel(model, task.lora, ranks)
+
+
+def train_client(
+    model: AdaptedModel,
+    task: FederatedTask,
+    cfg: RunConfig,
+    rule: Rule,
+    server_round: int,
+    client: int,
+    indices: np.ndarray,
+    factors: Mapping[str, LowRank],
+    head: Mapping[str, torch.Tensor],
+    own: ClientState | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> ClientUpdate:
+    """One client's round, wherever it runs (this process or a Flower ClientApp): start from
+    the server's readout ``factors`` and ``head`` (or the client's ``own`` where the rule keeps
+    them personal), train locally with the run's seed formula and the rule's penalty, keep the
+    rank the rule lets it keep, and return the update.
+
+    A client that dropped trailing components in an earlier round (:meth:`Rule.pruned_rank`)
+    holds its own factors at that smaller rank k: it uses the readout's leading k components
+    (the rest of its rank-r adapter stays zero) and uploads at most k."""
+    plan = rule.client_plan(server_round)
+    r = next(iter(factors.values())).rank
+    k = next(iter(own.factors.values())).rank if own is not None else r
+    if own is not None:
+        factors = {n: _keep_personal(f, own.factors[n], plan.personal) for n, f in factors.items()}
+        if not plan.share_head:
+            head = own.head
+    start = {n: within_rank(f, k) for n, f in factors.items()}
+    model.set_factors(r, start)
+    model.set_head(r, head)
+    params = model.activate(r, plan.train)
+    adapter = adapter_name(r)
+
+    def penalty() -> torch.Tensor | None:
+        live = [(m.lora_B[adapter].weight[:, :k], m.lora_A[adapter].weight[:k]) for m in model.layers.values()]
+        return rule.local_penalty(live)
+
+    loss = local_train(
+        model.peft,
+        params,
+        model.head_parameters(r),
+        task.batch,
+        indices,
+        client_steps(cfg, rule, len(indices)),
+        cfg.batch_size,
+        cfg.lr,
+        cfg.effective_head_lr(),
+        cfg.weight_decay,
+        seed=cfg.seed * 1_000_003 + server_round * 1009 + client,
+        on_step=on_step,
+        logit_bias=cfg.logit_adjustment * task.log_label_prior(indices) if cfg.logit_adjustment else None,
+        penalty=penalty,
+        grad_accum_steps=cfg.grad_accum_steps,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+    trained = {n: leading(f, k) for n, f in model.get_factors(r).items()}
+    kept_rank = rule.pruned_rank({n: leading(f, k) for n, f in start.items()}, trained)
+    trained = {n: leading(f, kept_rank) for n, f in trained.items()}
+    new_head = model.get_head(r)
+    keep = plan.personal or not plan.share_head or kept_rank < r
+    kept = ClientState(trained, new_head, r) if keep else None
+    if cfg.random_gauge:
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + server_round * 31 + client)
+        G = random_gauge_matrix(kept_rank, g).float()
+        trained = {n: f.gauge(G) for n, f in trained.items()}
+    return ClientUpdate(trained, new_head, float(np.mean(loss)), kept)
+
+
+def _keep_personal(readout: LowRank, own: LowRank, personal: frozenset[str]) -> LowRank:
+    """The readout with the client's own B and/or A where the rule keeps them on the client."""
+    B = own.B if "B" in personal else readout.B
+    A = own.A if "A" in personal else readout.A
+    return LowRank(B, A, readout.scale)

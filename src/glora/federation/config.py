@@ -1,24 +1,25 @@
-"""A run's configuration: one dataclass with defaults that learn, read from TOML, checked
-before any training starts."""
+"""A run's configuration: one dataclass whose fields declare their help, group and spelling
+(:func:`option`), read from TOML or plain values, checked before any training starts."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import tomllib
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Named client-rank distributions: "skewed" is few high-rank clients, many low-rank ones.
-RANK_DISTRIBUTIONS: dict[str, tuple[tuple[int, float], ...]] = {
-    "uniform-2-16": ((2, 0.25), (4, 0.25), (8, 0.25), (16, 0.25)),
-    "skewed": ((2, 0.4), (4, 0.3), (8, 0.2), (16, 0.1)),
-}
-
+from glora.federation.config_values import (
+    effective_rule_options,
+    identity_rule_options,
+    legacy_options,
+    none_words,
+    task_defaults,
+    typed_fields,
+)
+from glora.federation.ranks import RANK_DISTRIBUTIONS, parse_ranks
 
 # Fields added after runs were recorded, with the value that means "as before": left out of
 # the identity at that value, so finished runs keep their names and sweeps still skip them.
@@ -45,112 +46,267 @@ _ADDED_FIELDS: dict[str, Any] = {
     "load_in_8bit": False,
     "grad_accum_steps": 1,
     "max_grad_norm": None,
+    "clip_update_norm": None,
 }
 
 
-# Fields that say where and how a run is computed or what it keeps, never what it computes.
-NOT_IDENTITY = ("threads", "device", "data_dir", "record_updates", "report_to", "gradient_checkpointing")
+# The groups a run's options are shown in (``glora run --help`` panels, the TOML template).
+DATA, FEDERATION, MODEL, TRAINING, EVALUATION, SUPERNI, OUTPUT = (
+    "Data",
+    "Federation",
+    "Model",
+    "Training",
+    "Evaluation",
+    "SuperNI",
+    "Output",
+)
+
+
+def option(
+    default: Any,
+    help: str,
+    group: str,
+    *,
+    none: str | None = None,
+    default_text: str | None = None,
+    envvar: str | None = None,
+    identity: bool = True,
+) -> Any:
+    """A RunConfig field with what every front end needs to show and read it.
+
+    ``default`` is the value, or a factory (a type such as ``dict``) for a mutable one;
+    ``none``: the word that spells None where it is not the default (``alpha = "iid"``), the
+    same in the CLI, TOML and the Flower config; ``default_text``: the default as help shows
+    it where the value alone does not say it; ``envvar``: an environment variable the CLI
+    reads; ``identity=False``: the field says where or how a run is computed or what it
+    keeps, never what it computes, so it is not part of the run's identity.
+    """
+    metadata = {
+        "help": help,
+        "group": group,
+        "none": none,
+        "default_text": default_text,
+        "envvar": envvar,
+        "identity": identity,
+    }
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run. Its identity is the hash of these values."""
+    """Everything that defines a run. Its identity is the hash of these values.
 
-    task: str = "sst2"
-    rule: str = "glora"
-    rule_options: dict[str, Any] = field(default_factory=dict)
-    backbone: str = "minilm"
-    # What the classification head reads: "cls", the model's own sequence-classification head
-    # (first token, through the backbone's pooler), or "mean", the mask-averaged token states
-    # that sentence-transformers encoders are trained for (glora.models.mean_pooled).
-    pooling: str = "mean"
-    clients: int = 10
-    alpha: float | None = 0.5  # Dirichlet concentration; None = IID
-    min_client_examples: int = 20
-    ranks: str = "2,4,8,16"  # one rank, a list assigned in turn, or a name in RANK_DISTRIBUTIONS
-    lora_alpha_per_rank: float = 2.0
-    rslora: bool = False
-    target_modules: tuple[str, ...] = ("query", "value")
-    rounds: int = 12
-    fraction: float = 1.0  # clients sampled per round
-    local_steps: int = 10
-    local_epochs: float | None = None  # if set, replaces local_steps by epochs over the client's data
-    batch_size: int = 32
-    lr: float = 5e-4
-    head_lr: float | None = None  # default: lr x head_lr_ratio
+    Each field is declared once, with its help text and group (:func:`option`): the
+    ``glora run`` options (glora.run_command), the ``--config`` TOML (:func:`toml_template`)
+    and the Flower run config (glora.flower.config) are generated from these declarations.
+    """
+
+    # -- data ---------------------------------------------------------------------------------
+    task: str = option(
+        "sst2",
+        "GLUE task (sst2, cola, mrpc, rte, stsb, qnli [eval only], mnli, qqp), superni, or classification / "
+        "instructions for your own --dataset (set from the columns given when left out).",
+        DATA,
+    )
+    dataset: str = option(
+        "",
+        "Your own data: a .csv/.tsv/.json/.jsonl/.parquet file (gzip allowed), a folder with train.* and "
+        "validation.* (or test.*), or a hub id, read with the `datasets` library.",
+        DATA,
+    )
+    dataset_config: str = option("", "A hub dataset's configuration name.", DATA)
+    dataset_revision: str = option("", "A hub dataset's revision.", DATA)
+    validation_fraction: float = option(0.1, "Share of a single file held out (seeded) as the validation split.", DATA)
+    text_column: str = option("", "Classification: the text column.", DATA)
+    text_pair_column: str = option("", "Classification: the second text of a pair.", DATA)
+    label_column: str = option(
+        "",
+        "Classification: the label column (strings or integers; fractional numbers: regression). "
+        "Instructions: a category column for Dirichlet skew.",
+        DATA,
+    )
+    regression: bool | None = option(
+        None, "Treat the label column as a regression target (or not).", DATA, default_text="inferred"
+    )
+    prompt_column: str = option("", "Instructions: the instruction column.", DATA)
+    input_column: str = option("", "Instructions: an optional input column.", DATA)
+    response_column: str = option("", "Instructions: the response column (trained on, scored by ROUGE-L).", DATA)
+    data_dir: str | None = option(
+        None, "Data directory.", DATA, default_text="../shared/data", envvar="GLORA_DATA_DIR", identity=False
+    )
+    data_source: str = option(
+        "local", "Where GLUE and SuperNI are read: local (--data-dir) or hub (the Hugging Face hub, online).", DATA
+    )
+    max_train_examples: int | None = option(
+        None, "Cap on the pooled training set (seeded sample).", DATA, default_text="all"
+    )
+    max_length: int = option(64, "Max tokens per example (dynamic padding).", DATA)
+
+    # -- federation ---------------------------------------------------------------------------
+    rule: str = option("glora", "Aggregation rule (see README), or the references centralized / local.", FEDERATION)
+    rule_options: dict[str, Any] = option(  # noqa: RUF009 (a Field with default_factory=dict)
+        dict, "Rule option key=value, repeatable (e.g. rank=16, readout_gauge=a-normal).", FEDERATION
+    )
+    clients: int = option(10, "Number of clients.", FEDERATION)
+    alpha: float | None = option(
+        0.5, "Dirichlet label-skew concentration (> 0; smaller is more skewed), or iid.", FEDERATION, none="iid"
+    )
+    partition_column: str = option(
+        "",
+        "A natural partition: every distinct value's rows go to one client (a user id, a hospital, a task).",
+        FEDERATION,
+    )
+    min_client_examples: int = option(20, "Fewest examples a client holds under Dirichlet skew.", FEDERATION)
+    ranks: str = option(
+        "2,4,8,16",
+        f"Client LoRA ranks: one rank, a list assigned in turn, or {' / '.join(RANK_DISTRIBUTIONS)}.",
+        FEDERATION,
+    )
+    rounds: int = option(12, "Server rounds; 0 evaluates the untuned backbone (zero-shot).", FEDERATION)
+    fraction: float = option(1.0, "Fraction of clients sampled per round.", FEDERATION)
+    weighting: str = option("examples", "Client weights: examples or uniform.", FEDERATION)
+    random_gauge: bool = option(False, "Control: clients re-gauge their factors randomly before upload.", FEDERATION)
+    # A failing client (training raised, an update that is not finite, in Flower also no or a
+    # bad reply): left out of its round, as Flower's strategies do, unless told to stop.
+    on_client_error: str = option(
+        "skip",
+        "A client whose training raises or whose update is not finite: skip (left out of the round, "
+        "recorded under left_out in metrics.jsonl) or abort (the run stops).",
+        FEDERATION,
+        identity=False,
+    )
+    max_failed_fraction: float = option(
+        0.5,
+        "The run stops (its last checkpoint kept) when more than this share of a round's clients is left out.",
+        FEDERATION,
+        identity=False,
+    )
+    clip_update_norm: float | None = option(
+        None,
+        "Clip each client's update (the Frobenius norm of its dense update, from the factors) to this "
+        "multiple of the round's median client norm, before the rule aggregates.",
+        FEDERATION,
+        default_text="none: no clipping",
+    )
+    seed: int = option(0, "Seed of everything (partition, init, sampling, batches).", FEDERATION)
+
+    # -- model --------------------------------------------------------------------------------
+    backbone: str = option(
+        "minilm", "minilm, mpnet (GLUE), smollm2 (superni), a Hugging Face model folder or a hub id.", MODEL
+    )
+    # "mean": the mask-averaged token states that sentence-transformers encoders are trained
+    # for (glora.models.mean_pooled); "cls": the model's own sequence-classification head.
+    pooling: str = option(
+        "mean",
+        "What the classification head reads: cls (the backbone's own head) or mean (of the token states).",
+        MODEL,
+    )
+    lora_alpha_per_rank: float = option(2.0, "LoRA alpha over the rank (alpha = this x r).", MODEL)
+    rslora: bool = option(False, "rsLoRA scale lora_alpha / sqrt(r).", MODEL)
+    target_modules: tuple[str, ...] = option(
+        ("query", "value"), "Comma-separated module names to adapt, or all-linear.", MODEL
+    )
+    # Real-size clients (glora.models.precision): the LoRA factors and the head stay float32.
+    dtype: str = option("float32", "The frozen base's dtype: float32, bfloat16, float16.", MODEL)
+    load_in_4bit: bool = option(False, "NF4 base (bitsandbytes, CUDA), as QLoRA.", MODEL)
+    load_in_8bit: bool = option(False, "8-bit base (bitsandbytes, CUDA).", MODEL)
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass (memory for time).", MODEL, identity=False
+    )
+    device: str = option(
+        "auto", "Where the model runs: auto (CUDA when available), cpu, cuda, cuda:N.", MODEL, identity=False
+    )
+    threads: int = option(2, "torch CPU threads.", MODEL, identity=False)
+
+    # -- training -----------------------------------------------------------------------------
+    local_steps: int = option(10, "Local optimizer steps per round.", TRAINING)
+    local_epochs: float | None = option(None, "Local epochs per round (replaces --local-steps).", TRAINING)
+    batch_size: int = option(32, "Local batch size.", TRAINING)
+    grad_accum_steps: int = option(
+        1, "Micro-batches per optimizer step (effective batch = batch size x this).", TRAINING
+    )
+    lr: float = option(5e-4, "AdamW learning rate of the LoRA factors.", TRAINING)
+    head_lr: float | None = option(
+        None, "Learning rate of the classification head.", TRAINING, default_text="lr x head-lr-ratio"
+    )
     # The new head learns from scratch what the frozen features already carry (a linear probe
     # of MiniLM's mean-pooled features scores 78.8% on SST-2), while the factors drift apart
     # under label skew at high rates: the head learns faster than the factors by this ratio
     # (results/sst2-default-probes: head lr 2e-3 and 5e-3 against 5e-4 for the factors).
-    head_lr_ratio: float = 10.0
+    head_lr_ratio: float = option(
+        10.0, "The head's learning rate over the factors', when head-lr is not given.", TRAINING
+    )
     # tau of the logit-adjusted loss (Menon et al., 2021) with each client's own label prior,
-    # a remedy for label skew (FedLC/FedRS family); 0: plain cross-entropy. Classification only.
-    logit_adjustment: float = 0.0
-    weight_decay: float = 0.0
-    max_length: int = 64
-    eval_every: int = 5
-    eval_batch_size: int = 128
-    eval_ranks: bool = True  # also evaluate the model each client rank receives
-    max_train_examples: int | None = None  # cap on the pooled training set (None: all)
-    max_eval_examples: int | None = None
-    # "validation" (the GLUE evaluation split) or "heldout": a seeded slice of the training
-    # data (heldout_examples) kept out of every client, for tuning without touching validation.
-    eval_split: str = "validation"
-    heldout_examples: int = 1000
-    weighting: str = "examples"  # or "uniform"
-    # Share of each client's own examples held out (seeded) and never trained on: at the end,
-    # each client's own model (personalised rules) and the global model are also scored on it,
-    # the personalisation claim's test. 0: no share held out.
-    personal_holdout: float = 0.0
-    random_gauge: bool = False  # control: clients re-gauge their factors before upload
-    seed: int = 0
-    threads: int = 2
-    device: str = "auto"  # "auto": CUDA when available, else the CPU; or any torch device name
-    # Real-size clients (glora.models.precision): the frozen base's dtype or quantization (the
-    # LoRA factors and the head stay float32), activation checkpointing, and micro-batches per
-    # optimizer step (the effective batch is batch_size x grad_accum_steps; local_steps counts
-    # optimizer steps). max_grad_norm: clip each step's gradient norm (None: no clipping).
-    dtype: str = "float32"
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    gradient_checkpointing: bool = False
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = None
-    data_dir: str | None = None
-    data_source: str = "local"  # or "hub"
-    # Store every round's client updates (factors, weights, heads) under updates/ in the run
-    # folder, for `glora replay`: other rules aggregated on identical inputs. Not part of a
-    # run's identity (it changes what is kept, not what is computed).
-    record_updates: bool = False
-    # Trackers that also get each round's metrics (glora.tracking): "tensorboard", "mlflow",
-    # "wandb", comma-separated; "" none. Not part of a run's identity.
-    report_to: str = ""
-    # Your own data (task "classification" or "instructions"): a file, a folder of split
-    # files, or a hub id, read with the `datasets` library (glora.tasks.dataset_files).
-    dataset: str = ""
-    dataset_config: str = ""  # a hub dataset's configuration name
-    dataset_revision: str = ""  # a hub dataset's revision
-    validation_fraction: float = 0.1  # of a single file, held out (seeded) as the validation split
-    text_column: str = ""  # classification: the text (and, for pairs, text_pair_column)
-    text_pair_column: str = ""
-    label_column: str = ""  # classification: the label; instructions: a category for Dirichlet skew
-    regression: bool | None = None  # a float label column is a regression target (None: inferred)
-    partition_column: str = ""  # a natural partition: each distinct value's rows go to one client
-    metric: str = ""  # the main metric ("": accuracy, pearson for regression, rougeL for instructions)
-    prompt_column: str = ""  # instructions: the instruction, an optional input, the response
-    input_column: str = ""
-    response_column: str = ""
-    # SuperNI (task "superni"; glora.tasks.superni.SUPERNI_DEFAULTS gives its values above).
-    superni_tasks_per_client: int = 1  # distinct training tasks per client (1: FlexLoRA's protocol)
-    superni_by_category: bool = False  # each client holds every training task of one category
-    superni_train_tasks: str = ""  # comma-separated pool the clients' tasks are drawn from ("": all 687)
-    superni_test_tasks: str = ""  # comma-separated pool of unseen tasks ("": the 103 official test tasks)
-    superni_eval_tasks: int | None = 20  # unseen tasks evaluated, spread over categories (None: all)
-    superni_eval_instances: int = 20  # instances per unseen task
-    superni_seen_instances: int = 5  # held-out instances per client task, for the seen score (0: none)
-    superni_num_examples: int = 2  # positive examples in each prompt
-    superni_max_target_length: int = 32  # target tokens trained on; the prompt gets max_length minus this
-    superni_max_new_tokens: int = 32  # cap on generated tokens at evaluation
+    # a remedy for label skew (FedLC/FedRS family).
+    logit_adjustment: float = option(
+        0.0,
+        "tau of the logit-adjusted loss: clients add tau x log(their label prior) to the logits in the loss, "
+        "against label skew; 0 = cross-entropy. Classification only.",
+        TRAINING,
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay of the LoRA factors.", TRAINING)
+    max_grad_norm: float | None = option(None, "Clip each step's gradient norm.", TRAINING, default_text="none")
+
+    # -- evaluation ---------------------------------------------------------------------------
+    metric: str = option(
+        "",
+        "The main metric: accuracy, f1_macro, matthews_correlation (2 classes), pearson, spearmanr (regression), "
+        "rougeL, exact_match (instructions).",
+        EVALUATION,
+        default_text="the first of these the task reports",
+    )
+    eval_every: int = option(5, "Evaluate every E rounds (and at the end).", EVALUATION)
+    eval_batch_size: int = option(128, "Evaluation batch size (superni: generation).", EVALUATION)
+    eval_ranks: bool = option(True, "Also evaluate the model each client rank receives (unequal ranks).", EVALUATION)
+    max_eval_examples: int | None = option(None, "Cap on the evaluation split.", EVALUATION, default_text="all")
+    # "heldout": a seeded slice of the training data kept out of every client, for tuning
+    # without touching validation.
+    eval_split: str = option(
+        "validation", "validation, or heldout: a fixed slice of the training data, for tuning.", EVALUATION
+    )
+    heldout_examples: int = option(1000, "Size of the held-out slice (eval-split heldout).", EVALUATION)
+    personal_holdout: float = option(
+        0.0,
+        "Share of each client's own data held out and never trained on; at the end each client's own model "
+        "(personalised rules) and the global model are scored on it too; 0: none.",
+        EVALUATION,
+    )
+
+    # -- SuperNI (glora.tasks.superni.SUPERNI_DEFAULTS sets the shared fields above) ------------
+    superni_tasks_per_client: int = option(1, "Distinct training tasks per client (1: FlexLoRA's protocol).", SUPERNI)
+    superni_by_category: bool = option(False, "Each client holds every training task of one category.", SUPERNI)
+    superni_train_tasks: str = option(
+        "", "Comma-separated training tasks the clients' tasks are drawn from.", SUPERNI, default_text="all 687"
+    )
+    superni_test_tasks: str = option(
+        "", "Comma-separated unseen tasks to draw from.", SUPERNI, default_text="the 103 official test tasks"
+    )
+    superni_eval_tasks: int | None = option(
+        20, "Unseen tasks scored (spread over categories), or all.", SUPERNI, none="all"
+    )
+    superni_eval_instances: int = option(20, "Instances per unseen task.", SUPERNI)
+    superni_seen_instances: int = option(
+        5, "Held-out instances per client task, for the seen score (0: none).", SUPERNI
+    )
+    superni_num_examples: int = option(2, "Positive examples in each prompt (0 allowed).", SUPERNI)
+    superni_max_target_length: int = option(
+        32, "Target tokens trained on (the prompt gets max-length minus this).", SUPERNI
+    )
+    superni_max_new_tokens: int = option(32, "Cap on generated tokens at evaluation.", SUPERNI)
+
+    # -- output -------------------------------------------------------------------------------
+    record_updates: bool = option(
+        False, "Store every round's client updates under OUT/updates/ for `glora replay`.", OUTPUT, identity=False
+    )
+    report_to: str = option(
+        "",
+        "Also log each round to these trackers: tensorboard, mlflow, wandb (comma-separated; metrics.jsonl "
+        "stays the record).",
+        OUTPUT,
+        identity=False,
+    )
 
     # -- derived ------------------------------------------------------------------------------
     def client_ranks(self) -> list[int]:
@@ -189,12 +345,12 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
         d = {**task_defaults(d.get("task", cls.task), d), **d}
-        if d.get("alpha") in ("iid", ""):
-            d["alpha"] = None  # IID, as presets and the Flower config spell it
-        d = typed_fields(cls, d)
+        d = typed_fields(cls, none_words(cls, d))
         for key in ("superni_train_tasks", "superni_test_tasks"):
             if isinstance(d.get(key), list):
                 d[key] = ",".join(d[key])
+        if isinstance(d.get("target_modules"), str):
+            d["target_modules"] = [m.strip() for m in d["target_modules"].split(",") if m.strip()]
         if "target_modules" in d:
             d["target_modules"] = tuple(d["target_modules"])
         if "ranks" in d and not isinstance(d["ranks"], str):
@@ -208,7 +364,7 @@ class RunConfig:
         d = {k: v for k, v in d.items() if k != "identity"}
         rule = d.get("rule", cls.rule)
         # A rule option whose default changed after the run was saved meant its old value then.
-        d["rule_options"] = {**_legacy_options(rule), **d.get("rule_options", {})}
+        d["rule_options"] = {**legacy_options(rule), **d.get("rule_options", {})}
         return cls.from_dict({**{k: v for k, v in _ADDED_FIELDS.items() if k not in d}, **d})
 
     @staticmethod
@@ -231,86 +387,5 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _legacy_options(rule: str) -> dict[str, Any]:
-    """The options whose default changed after runs of ``rule`` were recorded, at the value that
-    leaving them out meant then (:attr:`Rule.legacy_options`)."""
-    from glora.aggregation import RULES
-
-    return dict(getattr(RULES.get(rule), "legacy_options", {}))
-
-
-def identity_rule_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The rule options a run's identity hashes: the options as the rule will read them (a
-    changed default made explicit, so a run under the new default has a new identity), less
-    those at their legacy value (so every run recorded before the change keeps its identity)."""
-    legacy = _legacy_options(rule)
-    effective = effective_rule_options(rule, options)
-    return {k: v for k, v in effective.items() if not (k in legacy and v == legacy[k])}
-
-
-def effective_rule_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with every option whose default changed (:attr:`Rule.legacy_options`) at the
-    value the rule will use: given, or the rule's current default."""
-    from glora.aggregation import RULES
-
-    legacy = _legacy_options(rule)
-    if not legacy:
-        return dict(options)
-    defaults = inspect.signature(RULES[rule].__init__).parameters
-    return {**{k: defaults[k].default for k in legacy}, **options}
-
-
-def typed_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` converted to the types the dataclass declares (a TOML ``lr = "1e-3"`` is a
-    float); ValueError naming the field, the value and the type for one that does not fit."""
-    import typing
-
-    from glora.aggregation.options import convert
-
-    hints = typing.get_type_hints(cls)
-    out = dict(values)
-    for name, value in values.items():
-        kind = hints.get(name)
-        if kind in (bool, int, float) or typing.get_origin(kind) in (typing.Union, types.UnionType):
-            out[name] = convert(value, kind, f"option {name.replace('_', '-')}")
-    return out
-
-
-def task_defaults(task: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The defaults of ``task``'s family (:attr:`glora.tasks.base.TaskFamily.defaults`) for
-    fields not in ``given``; ``eval_every = "rounds"`` there means at the end only."""
-    from glora.tasks import task_class
-
-    out = dict(task_class(task).defaults)
-    if out.get("eval_every") == "rounds":
-        out["eval_every"] = max(1, int(given.get("rounds", out.get("rounds", RunConfig.rounds))))
-    return out
-
-
-def parse_ranks(spec: str, clients: int, seed: int = 0) -> list[int]:
-    """'8' -> every client rank 8; '2,4,8,16' -> assigned in turn; a distribution name ->
-    sampled with the seed. ValueError for zeros, negatives or unknown names."""
-    spec = str(spec).strip()
-    if spec in RANK_DISTRIBUTIONS:
-        import numpy as np
-
-        values, probs = zip(*RANK_DISTRIBUTIONS[spec], strict=True)
-        rng = np.random.default_rng(seed + 7919)
-        # Deterministic counts in proportion, then a seeded shuffle: every rank appears.
-        counts = [max(1, round(p * clients)) for p in probs]
-        while sum(counts) > clients:
-            counts[counts.index(max(counts))] -= 1
-        while sum(counts) < clients:
-            counts[0] += 1
-        ranks = [v for v, c in zip(values, counts, strict=True) for _ in range(c)]
-        return [int(r) for r in rng.permutation(ranks)]
-    try:
-        values = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(
-            f"--ranks {spec!r}: give one rank (8), a list assigned in turn (2,4,8,16), "
-            f"or a distribution name ({', '.join(RANK_DISTRIBUTIONS)})"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"--ranks {spec!r}: every rank must be a positive integer")
-    return [values[i % len(values)] for i in range(clients)]
+# Fields that say where and how a run is computed or what it keeps, never what it computes.
+NOT_IDENTITY = tuple(f.name for f in dataclasses.fields(RunConfig) if not f.metadata["identity"])

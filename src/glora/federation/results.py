@@ -1,5 +1,7 @@
 """A run's folder: resolved config, provenance, per-round metrics (JSON lines), checkpoints
-and a summary. Every table is built from these files, so each number traces to a command."""
+and a summary. Every table is built from these files, so each number traces to a command.
+:class:`RunStore` writes them while a run is made; :func:`open_run` reads a finished one and
+never writes."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import glora
+from glora.federation.config import RunConfig
 
 CONFIG, META, METRICS, CHECKPOINT, SUMMARY, ADAPTER, UPDATES = (
     "config.json",
@@ -257,3 +261,45 @@ class RunStore:
 
     def summary(self) -> dict[str, Any] | None:
         return self._read_json(SUMMARY)
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run folder as :func:`open_run` read it. ``summary`` is None for a run that has not
+    finished; ``adapter`` (the exported peft folder) and ``checkpoint`` (the last state, which
+    probes of a run's final model load) are None where the folder does not keep them, as the
+    run folders committed under results/ do not."""
+
+    folder: Path
+    config: RunConfig
+    meta: dict[str, Any]
+    metrics: tuple[dict[str, Any], ...]
+    summary: dict[str, Any] | None
+    adapter: Path | None
+    checkpoint: Path | None
+
+
+def open_run(folder: Path | str) -> SavedRun:
+    """Read the run in ``folder`` without writing anything (no lock, no meta.json note, no
+    truncated metrics), unlike ``Federation.begin(resume=True)``, which makes the folder its
+    own. FileNotFoundError naming the folder and the files it lacks where it is not a run
+    folder (config.json, meta.json and metrics.jsonl, which every run writes on starting)."""
+    store = RunStore(Path(folder))
+    if not store.folder.is_dir():
+        raise FileNotFoundError(f"{store.folder} is not a run folder: it does not exist")
+    missing = [name for name in (CONFIG, META, METRICS) if not store.path(name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{store.folder} is not a run folder: it has no {', '.join(missing)} (a run folder holds "
+            f"{CONFIG}, {META} and {METRICS}, and {SUMMARY} once the run has finished)"
+        )
+    adapter, checkpoint = store.path(ADAPTER), store.path(CHECKPOINT)
+    return SavedRun(
+        folder=store.folder,
+        config=RunConfig.from_saved(store.config()),
+        meta=store.meta(),
+        metrics=tuple(store.metrics()),
+        summary=store.summary(),
+        adapter=adapter if adapter.is_dir() else None,
+        checkpoint=checkpoint if checkpoint.is_file() else None,
+    )

@@ -1,4 +1,4 @@
-"""The server round loop, simulated in one process.
+"""The in-process driver: the round loop of ``glora run``, every client in this process.
 
 Each round: sample clients, read out each one's adapter at its rank (the rule's state),
 train locally, aggregate per layer with the rule, average the head, evaluate, merge what
@@ -9,12 +9,10 @@ never branches on a rule's name.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,374 +21,36 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from glora.aggregation import ClientPlan, LayerState, Rule, average_params, get_rule
-from glora.aggregation.base import FACTORS, leading, within_rank
-from glora.federation.client import local_train
+from glora.federation.checks import check_config
+from glora.federation.client import adapted_model, train_client
 from glora.federation.config import NOT_IDENTITY, RunConfig
-from glora.federation.results import ADAPTER, METRICS, RunStore
-from glora.lowrank import LowRank, lora_init_A, random_gauge_matrix
-from glora.models.backbones import POOLINGS
-from glora.models.device import device_kind, resolve_device
-from glora.models.lora import AdaptedModel, adapter_name, export_adapter
-from glora.models.precision import check_precision
-from glora.tasks import FederatedTask, build_task, task_class
+from glora.federation.engine import (
+    ClientState,
+    ClientUpdate,
+    ServerState,
+    aggregate_round,
+    client_layout,
+    client_steps,
+    download_bytes,
+    holdout_split,
+    initial_adapters,
+    readout,
+    round_merges,
+    sample_clients,
+    update_record,
+    upload_bytes,
+)
+from glora.federation.evaluation import Evaluation
+from glora.federation.results import ADAPTER, CHECKPOINT, METRICS, SUMMARY, RunStore
+from glora.federation.robust import settle_round
+from glora.models.device import device_kind
+from glora.models.lora import export_adapter
+from glora.tasks import build_task
 from glora.tracking import Tracker, flatten, open_trackers, parse_report_to
-
-
-@dataclass
-class ServerState:
-    """Everything the loop carries from one round to the next (and checkpoints)."""
-
-    round: int = 0
-    layers: dict[str, LayerState] | None = None
-    head: dict[str, torch.Tensor] = field(default_factory=dict)
-    base_offsets: dict[str, torch.Tensor] | None = None
-    personal: dict[int, dict[str, Any]] = field(default_factory=dict)
-    elapsed: float = 0.0
-
-
-def adapted_model(task: FederatedTask, cfg: RunConfig, ranks: list[int]) -> AdaptedModel:
-    """The task's backbone on the run's device, with a LoRA adapter for each of ``ranks``
-    (and activation checkpointing with ``--gradient-checkpointing``). A quantized base is
-    placed by its loader and not moved."""
-    model = task.model
-    device = resolve_device(cfg.device)
-    if not (cfg.load_in_4bit or cfg.load_in_8bit):
-        model = model.to(device)
-    elif isinstance(getattr(model, "classifier", None), torch.nn.Module):
-        model.classifier.to(device)  # a head glora added is not the loader's to place
-    if cfg.gradient_checkpointing:
-        # Non-reentrant: the frozen base's inputs need no gradient for the adapters to get one.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return AdaptedModel(model, task.lora, ranks)
-
-
-def check_config(cfg: RunConfig) -> Rule:
-    """Everything that can be checked before loading data or models; returns the rule."""
-    rule = get_rule(cfg.rule, **cfg.rule_options)
-    resolve_device(cfg.device)
-    if cfg.alpha is not None and not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
-        raise ValueError(f"--alpha must be > 0 (Dirichlet concentration), got {cfg.alpha}; use --iid for IID")
-    if cfg.rounds < 0:
-        raise ValueError(f"--rounds must be >= 0 (0: evaluate the untuned backbone only), got {cfg.rounds}")
-    family = task_class(cfg.task)
-    family.check_config(cfg)
-    for name, value in (
-        ("clients", cfg.clients),
-        ("local-steps", cfg.local_steps),
-        ("batch-size", cfg.batch_size),
-        ("eval-every", cfg.eval_every),
-    ):
-        if value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
-    if not 0 < cfg.fraction <= 1:
-        raise ValueError(f"--fraction must be in (0, 1], got {cfg.fraction}")
-    for name, value in (("lr", cfg.lr), ("head-lr", cfg.head_lr), ("head-lr-ratio", cfg.head_lr_ratio)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
-    for name, value in (
-        ("max-train-examples", cfg.max_train_examples),
-        ("max-eval-examples", cfg.max_eval_examples),
-        ("threads", cfg.threads),
-        ("min-client-examples", cfg.min_client_examples),
-    ):
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
-    if cfg.head_lr_ratio <= 0:
-        raise ValueError(f"--head-lr-ratio must be > 0 (the head's lr over the factors'), got {cfg.head_lr_ratio}")
-    if cfg.logit_adjustment < 0:
-        raise ValueError(f"--logit-adjustment must be >= 0 (0: plain cross-entropy), got {cfg.logit_adjustment}")
-    if cfg.logit_adjustment > 0 and not family.has_labels(cfg):
-        raise ValueError(
-            f"--logit-adjustment needs a classification task (it shifts the logits by the client's label "
-            f"prior); task {cfg.task!r} has no labels to count: leave it at 0"
-        )
-    if cfg.pooling not in POOLINGS:
-        raise ValueError(f"--pooling must be {' or '.join(repr(p) for p in POOLINGS)}, got {cfg.pooling!r}")
-    if cfg.pooling != "cls" and not family.has_head:
-        raise ValueError(
-            f"--pooling applies to classification heads; task {cfg.task!r} generates text: leave it at cls"
-        )
-    parse_report_to(cfg.report_to)
-    check_precision(cfg.dtype, cfg.load_in_4bit, cfg.load_in_8bit, cfg.device)
-    if cfg.grad_accum_steps < 1:
-        raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
-    if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):
-        raise ValueError(
-            f"--max-grad-norm must be a finite number > 0 (or unset: no clipping), got {cfg.max_grad_norm}"
-        )
-    if cfg.dtype != "float32" and family.has_head and cfg.pooling != "mean":
-        raise ValueError(f"--dtype {cfg.dtype} needs --pooling mean for a classifier (its head stays float32)")
-    if not 0 <= cfg.personal_holdout < 1:
-        raise ValueError(f"--personal-holdout must be in [0, 1), got {cfg.personal_holdout}")
-    if cfg.personal_holdout > 0 and not hasattr(family, "evaluate_examples"):
-        raise ValueError(f"--personal-holdout needs a task that scores training examples; {cfg.task!r} does not")
-    if cfg.weighting not in ("examples", "uniform"):
-        raise ValueError(f"--weighting must be 'examples' or 'uniform', got {cfg.weighting!r}")
-    if cfg.random_gauge and any(rule.client_plan(t).train != FACTORS for t in (1, 2)):
-        raise ValueError(
-            f"--random-gauge re-gauges both factors, but rule {cfg.rule!r} keeps one factor frozen and shared "
-            "across clients; run the gauge control with rules that train B and A (e.g. glora, fedit, flora, "
-            "flexlora, hetlora)"
-        )
-    ranks = cfg.client_ranks()
-    if not rule.accepts_unequal_ranks and not rule.pooled and len(set(ranks)) > 1:
-        raise ValueError(
-            f"rule {cfg.rule!r} needs equal client ranks but --ranks {cfg.ranks!r} gives {sorted(set(ranks))}; "
-            "use one rank (e.g. --ranks 8) or a rule that accepts different ranks (glora, flora, flexlora, "
-            "hetlora, florist)"
-        )
-    return rule
-
-
-def initial_adapters(model: AdaptedModel, ranks: list[int], seed: int) -> dict[int, dict[str, LowRank]]:
-    """Round-1 adapters: B = 0 and a seeded LoRA A, the same for every client of a rank and
-    nested across ranks (FFA-LoRA's shared frozen A, and a common start for every rule)."""
-    shapes = model.layer_shapes()
-    out: dict[int, dict[str, LowRank]] = {}
-    for r in sorted(set(ranks)):
-        scale = model.settings.scale(r)
-        out[r] = {}
-        for i, (name, (d_out, d_in)) in enumerate(sorted(shapes.items())):
-            g = torch.Generator().manual_seed(seed * 100_003 + i)
-            out[r][name] = LowRank(torch.zeros(d_out, r), lora_init_A(r, d_in, g), scale)
-    return out
-
-
-def holdout_split(parts: list[np.ndarray], share: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each client's examples split, with the seed, into those it trains on and a held-out
-    ``share`` (at least one example where share > 0 and the client has two); sorted indices."""
-    if share == 0:  # the parts as they are (their order too: it seeds the batches)
-        return list(parts), [part[:0] for part in parts]
-    train, held = [], []
-    for i, part in enumerate(parts):
-        k = min(len(part) - 1, max(1, round(share * len(part))))
-        order = np.random.default_rng([seed, i, 31]).permutation(part)
-        held.append(np.sort(order[:k]))
-        train.append(np.sort(order[k:]))
-    return train, held
-
-
-def client_layout(
-    cfg: RunConfig, task: FederatedTask, rule: Rule, split: tuple[list[np.ndarray], list[np.ndarray]] | None = None
-) -> tuple[list[np.ndarray], list[int]]:
-    """Each client's training examples (less its held-out share, ``--personal-holdout``) and
-    rank. A pooled rule (the centralized reference) gets one client with everyone's training
-    examples at the largest rank. ``split``: the task's :func:`holdout_split`, where the caller
-    has it already (the partition is drawn once)."""
-    parts = (split or holdout_split(task.partition(), cfg.personal_holdout, cfg.seed))[0]
-    ranks = cfg.client_ranks()
-    if rule.pooled:
-        return [np.sort(np.concatenate(parts))], [max(ranks)]
-    return parts, ranks
-
-
-def sample_clients(n_clients: int, server_round: int, fraction: float, seed: int) -> list[int]:
-    """The clients of a round: all of them, or a seeded ``fraction`` (sorted client indices)."""
-    k = max(1, round(fraction * n_clients))
-    if k >= n_clients:
-        return list(range(n_clients))
-    rng = np.random.default_rng([seed, server_round, 17])
-    return sorted(int(i) for i in rng.choice(n_clients, size=k, replace=False))
-
-
-def client_steps(cfg: RunConfig, rule: Rule, n_examples: int) -> int:
-    """Local optimiser steps of a client holding ``n_examples``. The pooled client takes the
-    steps of every client sampled in a round, so the step budget equals the federation's."""
-    if cfg.local_epochs is not None:
-        return max(1, int(np.ceil(cfg.local_epochs * n_examples / cfg.batch_size)))
-    per_round = max(1, round(cfg.fraction * cfg.clients)) if rule.pooled else 1
-    return cfg.local_steps * per_round
-
-
-def readout(st: ServerState, init: Mapping[int, Mapping[str, LowRank]], rank: int, scale: float) -> dict[str, LowRank]:
-    """The adapter a client of this rank starts the round from: the state's readout, or the
-    initial adapter before the first aggregation."""
-    if st.layers:
-        return {n: s.readout(rank, scale) for n, s in st.layers.items()}
-    return dict(init[rank])
-
-
-@dataclass
-class ClientUpdate:
-    """A client's answer to one round.
-
-    factors: what the server aggregates, per layer (re-gauged under ``random_gauge``);
-    head: the trained head; loss: mean training loss over the steps;
-    own: what the client keeps for its next round (rules with personal factors or an
-    unshared head), else None.
-    """
-
-    factors: dict[str, LowRank]
-    head: dict[str, torch.Tensor]
-    loss: float
-    own: dict[str, Any] | None = None
-
-
-def train_client(
-    model: AdaptedModel,
-    task: FederatedTask,
-    cfg: RunConfig,
-    rule: Rule,
-    server_round: int,
-    client: int,
-    indices: np.ndarray,
-    factors: Mapping[str, LowRank],
-    head: Mapping[str, torch.Tensor],
-    own: Mapping[str, Any] | None = None,
-    on_step: Callable[[], None] | None = None,
-) -> ClientUpdate:
-    """One client's round, wherever it runs (this process or a Flower ClientApp): start from
-    the server's readout ``factors`` and ``head`` (or the client's ``own`` where the rule keeps
-    them personal), train locally with the run's seed formula and the rule's penalty, keep the
-    rank the rule lets it keep, and return the update.
-
-    A client that dropped trailing components in an earlier round (:meth:`Rule.pruned_rank`)
-    holds its own factors at that smaller rank k: it uses the readout's leading k components
-    (the rest of its rank-r adapter stays zero) and uploads at most k."""
-    plan = rule.client_plan(server_round)
-    r = next(iter(factors.values())).rank
-    k = next(iter(own["factors"].values())).rank if own is not None else r
-    if own is not None:
-        factors = {n: _keep_personal(f, own["factors"][n], plan.personal) for n, f in factors.items()}
-        if not plan.share_head:
-            head = own["head"]
-    start = {n: within_rank(f, k) for n, f in factors.items()}
-    model.set_factors(r, start)
-    model.set_head(r, head)
-    params = model.activate(r, plan.train)
-    adapter = adapter_name(r)
-
-    def penalty() -> torch.Tensor | None:
-        live = [(m.lora_B[adapter].weight[:, :k], m.lora_A[adapter].weight[:k]) for m in model.layers.values()]
-        return rule.local_penalty(live)
-
-    loss = local_train(
-        model.peft,
-        params,
-        model.head_parameters(r),
-        task.batch,
-        indices,
-        client_steps(cfg, rule, len(indices)),
-        cfg.batch_size,
-        cfg.lr,
-        cfg.effective_head_lr(),
-        cfg.weight_decay,
-        seed=cfg.seed * 1_000_003 + server_round * 1009 + client,
-        on_step=on_step,
-        logit_bias=cfg.logit_adjustment * task.log_label_prior(indices) if cfg.logit_adjustment else None,
-        penalty=penalty,
-        grad_accum_steps=cfg.grad_accum_steps,
-        max_grad_norm=cfg.max_grad_norm,
-    )
-    trained = {n: leading(f, k) for n, f in model.get_factors(r).items()}
-    kept_rank = rule.pruned_rank({n: leading(f, k) for n, f in start.items()}, trained)
-    trained = {n: leading(f, kept_rank) for n, f in trained.items()}
-    new_head = model.get_head(r)
-    keep = plan.personal or not plan.share_head or kept_rank < r
-    kept = {"factors": trained, "head": new_head, "rank": r} if keep else None
-    if cfg.random_gauge:
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + server_round * 31 + client)
-        G = random_gauge_matrix(kept_rank, g).float()
-        trained = {n: f.gauge(G) for n, f in trained.items()}
-    return ClientUpdate(trained, new_head, float(np.mean(loss)), kept)
-
-
-def download_bytes(
-    factors: Mapping[str, LowRank], merges: Mapping[str, Any], head: Mapping[str, torch.Tensor], plan: ClientPlan
-) -> int:
-    """What the server sends a client: the shared factors, the merges, the head if shared."""
-    out = sum(_nbytes(f, FACTORS - plan.personal) for f in factors.values())
-    out += sum(_nbytes(m) for m in merges.values())
-    return out + (_head_bytes(head) if plan.share_head else 0)
-
-
-def upload_bytes(update: ClientUpdate, plan: ClientPlan) -> int:
-    """What a client sends the server under the rule's plan."""
-    out = sum(_nbytes(f, plan.send) for f in update.factors.values())
-    return out + (_head_bytes(update.head) if plan.share_head else 0)
-
-
-def aggregate_round(
-    rule: Rule,
-    st: ServerState,
-    server_round: int,
-    clients: list[int],
-    updates: list[ClientUpdate],
-    weights: list[float],
-    bytes_down: int,
-) -> dict[str, Any]:
-    """The server half of a round: keep each client's own part, aggregate every layer with
-    the rule, average the head where the rule shares it; returns the round's metrics row."""
-    plan = rule.client_plan(server_round)
-    by_layer: dict[str, list[LowRank]] = {}
-    for i, u in zip(clients, updates, strict=True):
-        if u.own is not None:
-            st.personal[i] = u.own
-        for n, f in u.factors.items():
-            by_layer.setdefault(n, []).append(f)
-    t0 = time.perf_counter()
-    st.layers = rule.aggregate_layers(by_layer, weights, previous=st.layers)
-    if plan.share_head:
-        st.head = average_params([u.head for u in updates], weights)
-    server_seconds = time.perf_counter() - t0
-    bytes_up = sum(upload_bytes(u, plan) for u in updates)
-    return {
-        "round": server_round,
-        "clients": clients,
-        "train_loss": float(np.average([u.loss for u in updates], weights=weights)),
-        "server_seconds": server_seconds,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "bytes_up_per_client": bytes_up / len(clients),
-        "bytes_down_per_client": bytes_down / len(clients),
-    }
-
-
-def update_record(
-    st: ServerState, server_round: int, clients: list[int], updates: list[ClientUpdate], weights: list[float]
-) -> dict[str, Any]:
-    """What ``--record-updates`` stores of a round, in plain tensors (loadable with
-    ``weights_only``): the sampled clients, their weights, each layer's factors (B, A, scale
-    per client), heads and losses, and what had been merged into the base weights before the
-    round (None: nothing), so a replay can rebuild the model the clients trained on."""
-    return {
-        "round": server_round,
-        "clients": clients,
-        "weights": weights,
-        "factors": {
-            n: [(u.factors[n].B, u.factors[n].A, u.factors[n].scale) for u in updates] for n in updates[0].factors
-        },
-        "heads": [u.head for u in updates],
-        "losses": [u.loss for u in updates],
-        "base_offsets": st.base_offsets,
-    }
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _nbytes(x: LowRank | torch.Tensor | None, factors: frozenset[str] = frozenset({"A", "B"})) -> int:
-    if x is None:
-        return 0
-    if isinstance(x, LowRank):
-        return sum(t.numel() * t.element_size() for f, t in (("B", x.B), ("A", x.A)) if f in factors)
-    return x.numel() * x.element_size()
-
-
-def _head_bytes(head: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in head.values())
-
-
-def _merged_deltas(st: ServerState) -> dict[str, torch.Tensor | None]:
-    """Each layer's dense base merge of this round (None where the rule merges nothing),
-    computed once for all the models an evaluation builds on it."""
-    return {n: s.merged_delta() for n, s in st.layers.items()}
-
-
-def _plus(delta: torch.Tensor, merged: torch.Tensor | None) -> torch.Tensor:
-    return delta if merged is None else delta + merged
 
 
 class Federation:
@@ -418,34 +78,60 @@ class Federation:
         self.model = adapted_model(self.task, cfg, self.ranks)
         self.init = initial_adapters(self.model, self.ranks, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.float64)
+        self.evaluation = Evaluation(cfg, self.rule, self.task, self.model, self.ranks, self.held)
 
     # -- one round --------------------------------------------------------------------------------
     def _round(self, st: ServerState, t: int, bar) -> dict[str, Any]:
-        clients, updates, weights, bytes_down = self.client_updates(st, t, bar)
-        if self.cfg.record_updates:
+        cfg, plan = self.cfg, self.rule.client_plan(t)
+        clients, updates, weights, bytes_down, failed = self.client_updates(st, t, bar)
+        if cfg.record_updates:
             self.store.save_updates(t, update_record(st, t, clients, updates, weights))
-        return aggregate_round(self.rule, st, t, clients, updates, weights, bytes_down)
+        sampled = len(clients) + len(failed)
+        settled = settle_round(
+            t,
+            sampled,
+            clients,
+            updates,
+            weights,
+            failed,
+            cfg.on_client_error,
+            cfg.max_failed_fraction,
+            cfg.clip_update_norm,
+            plan.train,
+        )
+        for i, reason in sorted(settled.left_out.items()):
+            self.console.print(f"[yellow]round {t}: left out client {i}[/yellow]: {reason}")
+        bytes_up = sum(upload_bytes(u, plan) for u in settled.updates)
+        record = aggregate_round(
+            self.rule, st, t, settled.clients, settled.updates, settled.weights, bytes_down, bytes_up
+        )
+        if settled.left_out:
+            record["left_out"] = {str(i): reason for i, reason in sorted(settled.left_out.items())}
+        if settled.clipped:
+            record["clipped"] = {str(i): ratio for i, ratio in settled.clipped.items()}
+        return record
 
     def client_updates(
         self, st: ServerState, t: int, bar=None
-    ) -> tuple[list[int], list[ClientUpdate], list[float], int]:
-        """The client half of round ``t`` from state ``st``: the sampled clients, their
-        updates, their aggregation weights and the bytes the server sent them."""
+    ) -> tuple[list[int], list[ClientUpdate], list[float], int, dict[int, str]]:
+        """The client half of round ``t`` from state ``st``: the clients that trained, their
+        updates and aggregation weights, the bytes the server sent (every sampled client), and
+        the clients whose training raised, with the error."""
         cfg, plan = self.cfg, self.rule.client_plan(t)
-        clients = sample_clients(len(self.parts), t, cfg.fraction, cfg.seed)
-        merges = {n: s.merge() for n, s in st.layers.items()} if st.layers else {}
-        updates, weights = [], []
+        if st.merges is None:
+            st.merges = round_merges(st)  # a checkpoint of an older version did not keep them
+        clients, updates, weights, failed = [], [], [], {}
         bytes_down = 0
-        for i in clients:
+        for i in sample_clients(len(self.parts), t, cfg.fraction, cfg.seed):
             r = self.ranks[i]
             factors = readout(st, self.init, r, self.model.settings.scale(r))
-            bytes_down += download_bytes(factors, merges, st.head, plan)
+            bytes_down += download_bytes(factors, st.merges, st.head, plan)
             task_id = None
             if bar is not None:
                 total = client_steps(cfg, self.rule, len(self.parts[i]))
                 task_id = bar.add_task(f"  client {i} (rank {r})", total=total)
-            updates.append(
-                train_client(
+            try:
+                update = train_client(
                     self.model,
                     self.task,
                     cfg,
@@ -458,97 +144,31 @@ class Federation:
                     own=st.personal.get(i),
                     on_step=(lambda tid=task_id: bar.advance(tid)) if bar is not None else None,
                 )
-            )
-            if bar is not None:
-                bar.remove_task(task_id)
+            except Exception as e:
+                failed[i] = f"its training raised {type(e).__name__}: {e}"
+                continue
+            finally:
+                if bar is not None:
+                    bar.remove_task(task_id)
+            clients.append(i)
+            updates.append(update)
             weights.append(float(self.sizes[i]) if cfg.weighting == "examples" else 1.0)
-        return clients, updates, weights, bytes_down
-
-    # -- evaluation -------------------------------------------------------------------------------
-    def _evaluate(self, st: ServerState) -> dict[str, Any]:
-        """The global model (base + the state's full delta()) and the model a client of each
-        rank receives (base + merge + its readout): for unequal ranks always, for equal ranks
-        where it differs from the global model (a state larger than the clients' rank, as
-        FlexLoRA's mean of rank up to the sum of theirs), so that no rule is scored only on a
-        model no client holds."""
-        out: dict[str, Any] = {}
-        ranks = sorted(set(self.ranks)) if self.cfg.eval_ranks else []
-        # A line in the run's progress display: evaluations (generation above all) take minutes.
-        bar = self._bar
-        task_id = bar.add_task("  evaluating: global model", total=1 + len(ranks)) if bar is not None else None
-        with self.global_model(st) as m:
-            out["eval"] = self.task.evaluate(m)
-        by_rank = {}
-        total = {n: s.delta() for n, s in st.layers.items()} if len(ranks) == 1 else None
-        for r, deltas in self.received_deltas(st) if ranks else ():
-            if bar is not None:
-                bar.update(task_id, advance=1, description=f"  evaluating: a rank-{r} client's model")
-            if total is not None and all(torch.allclose(deltas[n], total[n], rtol=1e-5, atol=1e-9) for n in total):
-                continue  # the clients' one rank receives the global model itself
-            with self.model.dense_update(deltas, self.ranks[0], st.head) as m:
-                by_rank[str(r)] = self.task.evaluate(m)
-        if bar is not None:
-            bar.remove_task(task_id)
-        if by_rank:
-            out["eval_by_rank"] = by_rank
-        return out
-
-    def global_model(self, st: ServerState) -> AbstractContextManager[torch.nn.Module]:
-        """The global model (base + the state's full delta() + the shared head) for the
-        duration of a ``with`` block."""
-        return self.model.dense_update({n: s.delta() for n, s in st.layers.items()}, self.ranks[0], st.head)
-
-    def received_deltas(self, st: ServerState) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """(rank, dense update per layer) of what a client of each rank receives: what was
-        merged into the base plus the state's readout at its rank; one rank at a time."""
-        merged = _merged_deltas(st)
-        for r in sorted(set(self.ranks)):
-            scale = self.model.settings.scale(r)
-            yield r, {n: _plus(s.readout(r, scale).delta(), merged[n]) for n, s in st.layers.items()}
-
-    def _evaluate_held_out(self, st: ServerState) -> dict[str, Any]:
-        """On each client's held-out share of its own data, the mean over clients of: the
-        global model's score ("eval_heldout_global") and, for personalised rules, the client's
-        own model's ("eval_heldout_personal")."""
-        clients = [i for i, h in enumerate(self.held) if len(h)]
-        if not clients:
-            return {}  # no client holds two examples: nothing was held out
-        with self.global_model(st) as m:
-            scores = [self.task.evaluate_examples(m, self.held[i]) for i in clients]
-        out = {"eval_heldout_global": _mean_scores(scores)}
-        if self.rule.reports_personal:
-            merged = _merged_deltas(st)
-            own_scores = []
-            for i in (i for i in clients if i in st.personal):  # a client never sampled has no model
-                with self.own_model(st.personal[i], merged) as m:
-                    own_scores.append(self.task.evaluate_examples(m, self.held[i]))
-            if own_scores:
-                out["eval_heldout_personal"] = _mean_scores(own_scores)
-        return out
-
-    def _evaluate_personal(self, st: ServerState) -> dict[str, float]:
-        """Mean over clients of each client's own model (its last trained factors and head)."""
-        per_client = []
-        merged = _merged_deltas(st)
-        for _, own in sorted(st.personal.items()):
-            with self.own_model(own, merged) as m:
-                per_client.append(self.task.evaluate(m))
-        return _mean_scores(per_client)
-
-    def own_model(
-        self, own: Mapping[str, Any], merged: Mapping[str, torch.Tensor | None]
-    ) -> AbstractContextManager[torch.nn.Module]:
-        """A client's own model (base + what was merged + its last trained factors, its head)
-        for the duration of a ``with`` block; ``merged``: :func:`_merged_deltas` of the state."""
-        deltas = {n: _plus(f.delta(), merged[n]) for n, f in own["factors"].items()}
-        return self.model.dense_update(deltas, own["rank"], own["head"])
+        return clients, updates, weights, bytes_down, failed
 
     # -- the run ----------------------------------------------------------------------------------
     def begin(self, resume: bool = False, command: list[str] | None = None) -> ServerState:
         """Check the run folder, load the task and model, and return the state to start from
         (a fresh one, or the last checkpoint's with ``resume``). ``command`` goes to meta.json
-        (default: this process's argv)."""
+        (default: this process's argv). A finished run kept without its checkpoint (as
+        results/ keeps them) is refused: begun again, it would lose its config.json, meta.json
+        and metrics. :func:`~glora.federation.results.open_run` reads such a folder."""
         cfg, store = self.cfg, self.store
+        if resume and store.path(SUMMARY).exists() and not store.path(CHECKPOINT).exists():
+            raise ValueError(
+                f"{store.folder} holds a finished run ({SUMMARY}) and no {CHECKPOINT}: there is nothing to "
+                "resume, and beginning it again would overwrite its config, meta and metrics; read it with "
+                "glora.federation.results.open_run, or choose another --out"
+            )
         existing = store.config()
         if existing is not None and not resume:
             raise ValueError(
@@ -576,6 +196,7 @@ class Federation:
             )
         if ckpt is not None:
             st = ckpt["state"]
+            st.personal = {i: ClientState.of(own) for i, own in st.personal.items()}
             if st.base_offsets is not None:
                 self.model.set_base_offsets(st.base_offsets)
             store.truncate_metrics(st.round)
@@ -597,14 +218,14 @@ class Federation:
         the metrics row and a checkpoint. ``t_round``: the round's start (perf_counter)."""
         cfg = self.cfg
         if t % cfg.eval_every == 0 or t == cfg.rounds:
-            record.update(self._evaluate(st))
+            record.update(self.evaluation.after_round(st, self._bar))
             if self.rule.reports_personal and t == cfg.rounds:
-                record["eval_personal"] = self._evaluate_personal(st)
+                record["eval_personal"] = self.evaluation.personal(st)
             if cfg.personal_holdout > 0 and t == cfg.rounds:
-                record.update(self._evaluate_held_out(st))
+                record.update(self.evaluation.held_out(st))
         if t == cfg.rounds:
             self.export(st)
-        merges = {n: m for n, s in st.layers.items() if (m := s.merge()) is not None}
+        st.merges = merges = round_merges(st)
         if merges:
             self.model.add_to_base(merges)
             st.base_offsets = self.model.base_offsets()
@@ -649,18 +270,25 @@ class Federation:
         self.store.finish(summary)
         return summary
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    @contextmanager
+    def session(self, resume: bool = False, command: list[str] | None = None) -> Iterator[ServerState]:
+        """The run folder held (its lock), the run begun (:meth:`begin`) and its trackers open
+        for the duration of a ``with`` block, for either driver: yields the state to start from."""
         with self.store.lock():
+            st = self.begin(resume, command=command)
+            self.trackers = open_trackers(parse_report_to(self.cfg.report_to), self.store.folder, self.cfg.to_dict())
             try:
-                return self._run(resume)
+                yield st
             finally:
                 for tracker in self.trackers:
                     tracker.close()
 
-    def _run(self, resume: bool) -> dict[str, Any]:
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        with self.session(resume) as st:
+            return self._run(st)
+
+    def _run(self, st: ServerState) -> dict[str, Any]:
         cfg = self.cfg
-        st = self.begin(resume)
-        self.trackers = open_trackers(parse_report_to(cfg.report_to), self.store.folder, cfg.to_dict())
         prog = (
             Progress(
                 TextColumn("{task.description}"),
@@ -729,17 +357,6 @@ class Federation:
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "server_seconds_total": sum(r["server_seconds"] for r in rows),
         }
-
-
-def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([c[k] for c in scores])) for k in scores[0]}
-
-
-def _keep_personal(readout: LowRank, own: LowRank, personal: frozenset[str]) -> LowRank:
-    """The readout with the client's own B and/or A where the rule keeps them on the client."""
-    B = own.B if "B" in personal else readout.B
-    A = own.A if "A" in personal else readout.A
-    return LowRank(B, A, readout.scale)
 
 
 def eval_line(t: int, record: dict[str, Any], metric: str) -> str:

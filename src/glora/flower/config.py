@@ -1,26 +1,30 @@
 """A Flower run config (``[tool.flwr.app.config]`` plus ``flwr run --run-config`` overrides)
-as a :class:`~glora.federation.config.RunConfig`, and back.
+as a :class:`~glora.federation.config.RunConfig`, and back, generated from RunConfig's fields.
 
 Flower's config values are TOML scalars, so the mapping is:
 - a RunConfig field ``local_steps`` is the key ``local-steps``;
-- an optional field (``alpha``, ``local-epochs``, ``max-train-examples``, ...) is unset with
-  an empty string ``""`` (``alpha = ""`` is an IID partition);
+- ``""`` is "not given": the field takes its default (``head-lr = ""``: lr x head-lr-ratio);
+  a field whose None has a word spells it as the CLI and TOML do (``alpha = "iid"``,
+  ``superni-eval-tasks = "all"``);
 - ``target-modules`` is a comma-separated string, ``ranks`` a string or an int;
 - ``rule-options`` is the body of a TOML inline table: ``"rank = 16, readout_gauge = 'a-normal'"``.
 Three keys belong to the Flower layer only: ``out`` (the run folder), ``round-timeout`` and
-``node-wait`` (seconds).
+``node-wait`` (seconds). :func:`flower_toml` writes the section that pyproject.toml carries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from glora.federation.config import RunConfig
+from glora.federation.config_template import toml_value
 
 UNSET = ""
 
@@ -40,83 +44,84 @@ class FlowerOptions:
         return Path(self.out) if self.out else Path("runs") / f"flower-{cfg.task}-{cfg.rule}-{cfg.identity()}"
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-_OPTIONS = {f.name: f for f in dataclasses.fields(FlowerOptions)}
+# What the app's pyproject.toml declares: a quick two-node run on a laptop.
+EXAMPLE = RunConfig(
+    clients=2,
+    ranks="4,8",
+    rounds=3,
+    lr=0.002,
+    eval_every=1,
+    max_train_examples=2000,
+    max_eval_examples=256,
+    threads=1,
+)
 
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _optional(f: dataclasses.Field) -> bool:
-    return "None" in str(f.type)
-
-
-def _convert(name: str, f: dataclasses.Field, value: Any) -> Any:
-    """One run-config value as the dataclass field wants it; ValueError naming the key."""
-    if value == UNSET and _optional(f):
-        return None
-    kind = str(f.type).split("|")[0].strip()
-    try:
-        if name == "rule_options":
-            return tomllib.loads(f"options = {{{value}}}")["options"] if value else {}
-        if name == "target_modules":
-            return tuple(m.strip() for m in str(value).split(",") if m.strip())
-        if name == "ranks":
-            return str(value)
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise TypeError("expected true or false")
-            return value
-        if kind == "int":
-            if isinstance(value, bool) or int(value) != value:
-                raise TypeError("expected an integer")
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"run config key {_key(name)!r}: bad value {value!r} ({e})") from None
-
-
-def from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
-    """The run's RunConfig and Flower options; keys left out keep RunConfig's defaults.
-    ValueError for unknown keys or bad values."""
-    by_key = {_key(n): (n, f) for n, f in _FIELDS.items()}
-    options = {_key(n): (n, f) for n, f in _OPTIONS.items()}
-    unknown = sorted(set(run_config) - set(by_key) - set(options))
+def from_run_config(run_config: Mapping[str, Any], cls: type[RunConfig] = RunConfig) -> tuple[RunConfig, FlowerOptions]:
+    """The run's config and Flower options; keys left out (or ``""``) take their defaults, as
+    on the command line. ValueError for unknown keys or bad values."""
+    fields = {_key(f.name): f for f in dataclasses.fields(cls)}
+    options = {_key(f.name): f for f in dataclasses.fields(FlowerOptions)}
+    unknown = sorted(set(run_config) - set(fields) - set(options))
     if unknown:
-        raise ValueError(f"unknown run config keys {unknown}; allowed: {sorted(by_key) + sorted(options)}")
-    cfg = {n: _convert(n, f, run_config[k]) for k, (n, f) in by_key.items() if k in run_config}
-    opts = {n: _convert(n, f, run_config[k]) for k, (n, f) in options.items() if k in run_config}
-    return RunConfig(**cfg), FlowerOptions(**opts)
+        raise ValueError(f"unknown run config keys {unknown}; allowed: {sorted(fields) + sorted(options)}")
+    values: dict[str, Any] = {}
+    for key, f in fields.items():
+        value = run_config.get(key, UNSET)
+        if key not in run_config or (value == UNSET and not f.metadata["none"]):
+            continue  # not given; a field with a word for None refuses "" in RunConfig.from_dict
+        if key == "rule-options":
+            try:
+                value = tomllib.loads(f"options = {{{value}}}")["options"]
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"run config key 'rule-options': bad value {value!r} ({e})") from None
+        values[f.name] = value
+    try:
+        cfg = cls.from_dict(values)
+    except ValueError as e:
+        raise ValueError(f"run config: {e}") from None
+    hints = typing.get_type_hints(FlowerOptions)
+    opts = {f.name: hints[f.name](run_config[k]) for k, f in options.items() if run_config.get(k, UNSET) != UNSET}
+    return cfg, FlowerOptions(**opts)
 
 
 def to_run_config(cfg: RunConfig, options: FlowerOptions | None = None) -> dict[str, Any]:
     """The flat run config that :func:`from_run_config` reads back as ``cfg`` (and ``options``)."""
     out: dict[str, Any] = {}
-    for name, value in dataclasses.asdict(cfg).items():
-        if name == "rule_options":
-            value = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
-        elif name == "target_modules":
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, dict):
+            value = toml_value(value)[1:-1]
+        elif isinstance(value, tuple):
             value = ",".join(value)
-        out[_key(name)] = UNSET if value is None else value
+        elif value is None:
+            value = f.metadata["none"] or UNSET
+        out[_key(f.name)] = value
     for name, value in dataclasses.asdict(options or FlowerOptions()).items():
         out[_key(name)] = value
     return out
 
 
+def flower_toml(cfg: RunConfig = EXAMPLE, options: FlowerOptions | None = None) -> str:
+    """The ``[tool.flwr.app.config]`` section of ``cfg``, each key with its help: what
+    pyproject.toml carries (flwr refuses overrides of keys it does not declare)."""
+    helps = {_key(f.name): f.metadata["help"] for f in dataclasses.fields(cfg)}
+    helps |= {
+        "out": "The run folder. Default runs/flower-<task>-<rule>-<hash> under the SuperLink's working directory.",
+        "round-timeout": "Seconds a round waits for replies.",
+        "node-wait": "Seconds the server waits for `clients` nodes to connect.",
+    }
+    lines = ["[tool.flwr.app.config]"]
+    for key, value in to_run_config(cfg, options).items():
+        lines += [f"# {line}" for line in textwrap.wrap(helps[key], 98)] + [f"{key} = {toml_value(value)}"]
+    return "\n".join(lines) + "\n"
+
+
 def run_config_overrides(values: Mapping[str, Any]) -> str:
     """``values`` as the string ``flwr run --run-config`` takes: space-separated TOML
     ``key=value`` pairs."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return "'" + v + "'" if "'" not in v else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise ValueError(f"run config value {v!r}: only bool, int, float and str are allowed")
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())

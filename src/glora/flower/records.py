@@ -35,6 +35,11 @@ def encode(
     return ArrayRecord(out)
 
 
+def record_bytes(record: ArrayRecord) -> int:
+    """The bytes of the arrays a message carries: what the transport counts for traffic."""
+    return sum(record[k].numpy().nbytes for k in record)
+
+
 def _tensors(record: ArrayRecord, prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: torch.from_numpy(record[k].numpy().copy()) for k in record if k.startswith(prefix)}
 

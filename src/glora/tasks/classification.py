@@ -158,6 +158,6 @@ class DatasetClassificationTask(ClassificationTask):
         if cfg.alpha is not None and not cfg.partition_column and len(train) < needed:
             raise ValueError(
                 f"--dataset {cfg.dataset}: {len(train)} training rows for {cfg.clients} clients of at least "
-                f"{cfg.min_client_examples} (min_client_examples) each; use fewer --clients, --iid, or more data"
+                f"{cfg.min_client_examples} (min_client_examples) each; use fewer --clients, --alpha iid, or more data"
             )
         super().__init__(cfg, spec, train, validation)
