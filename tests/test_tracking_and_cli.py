@@ -17,7 +17,7 @@ from glora.federation.checks import check_config
 from glora.federation.config import RunConfig
 from glora.federation.results import RunStore
 from glora.federation.simulation import run_federation
-from glora.tracking import flatten, parse_report_to
+from glora.tracking import flatten, open_trackers, parse_report_to, tracked_ids
 
 TINY = RunConfig(
     clients=2,
@@ -114,3 +114,22 @@ def test_help_shows_what_each_argument_is():
     for command, words in (("sweep", "A packaged preset"), ("table", "Run folders"), ("report", "--results folder")):
         result = CliRunner().invoke(app, [command, "--help"])
         assert words in " ".join(result.output.replace("│", " ").split()), command
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    folder = tmp_path / "sweep" / "run"
+    folder.mkdir(parents=True)
+    for step in (1, 2):  # the run, interrupted after round 1, then resumed
+        (tracker,) = open_trackers(["mlflow"], folder, {"rule": "glora"})
+        tracker.log(step, {"train_loss": 0.5 / step})
+        tracker.close()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert tracked_ids(folder) == {"mlflow": run.info.run_id}
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert history == {1: 0.5, 2: 0.25}

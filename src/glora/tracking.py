@@ -8,8 +8,10 @@ MLflow into its tracking store (``MLFLOW_TRACKING_URI``: e.g. ``sqlite:///mlflow
 ``file:`` store with ``MLFLOW_ALLOW_FILE_STORE=true``, which MLflow 3 keeps behind that
 switch; else MLflow's default), wandb runs in offline mode unless ``WANDB_MODE`` says
 otherwise. Each run is named after its folder and grouped by the folder above it (a sweep's
-results folder: one tracked run per grid cell, grouped by sweep). The packages are optional (``pip install
-'glora[tracking]'``); a missing one is a clear error before the run starts.
+results folder: one tracked run per grid cell, grouped by sweep). A resumed run continues its
+tracked runs (MLflow and wandb ids are kept in ``<run folder>/trackers.json``; TensorBoard
+appends to its event files). The packages are optional (``pip install 'glora[tracking]'``); a
+missing one is a clear error before the run starts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from glora.files import atomic_write
 
 # tracker -> (module it needs, package that brings it)
 TRACKERS = {
@@ -84,13 +88,17 @@ class _TensorBoard:
 
 
 class _MLflow:
-    def __init__(self, name: str, group: str, config: Mapping[str, Any]) -> None:
+    def __init__(self, folder: Path, name: str, group: str, config: Mapping[str, Any]) -> None:
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_experiment(group)
-        self.run = mlflow.start_run(run_name=name)
-        mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
+        run_id = tracked_ids(folder).get("mlflow")
+        # A resumed run continues its tracked run: the rounds after the checkpoint join it.
+        self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=name)
+        if not run_id:
+            mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
+            _keep_id(folder, "mlflow", self.run.info.run_id)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         # MLflow's metric names take letters, digits and _ - . / and spaces.
@@ -104,6 +112,7 @@ class _Wandb:
     def __init__(self, folder: Path, name: str, group: str, config: Mapping[str, Any]) -> None:
         import wandb
 
+        run_id = tracked_ids(folder).get("wandb") or wandb.util.generate_id()
         self.run = wandb.init(
             project="glora",
             group=group,
@@ -111,7 +120,10 @@ class _Wandb:
             dir=str(folder),
             config=dict(config),
             mode=os.environ.get("WANDB_MODE", "offline"),
+            id=run_id,
+            resume="allow",  # a resumed run continues its tracked run
         )
+        _keep_id(folder, "wandb", run_id)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self.run.log(dict(values), step=step)
@@ -122,9 +134,24 @@ class _Wandb:
 
 _OPEN = {
     "tensorboard": lambda folder, name, group, config: _TensorBoard(folder, config),
-    "mlflow": lambda folder, name, group, config: _MLflow(name, group, config),
+    "mlflow": lambda folder, name, group, config: _MLflow(folder, name, group, config),
     "wandb": lambda folder, name, group, config: _Wandb(folder, name, group, config),
 }
+
+
+# The tracked runs of a run folder (tracker -> its run id), so that a resume continues them.
+IDS_FILE = "trackers.json"
+
+
+def tracked_ids(folder: Path) -> dict[str, str]:
+    """The tracked run ids kept in ``folder`` ({} before a tracker opened there)."""
+    path = Path(folder) / IDS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _keep_id(folder: Path, tracker: str, run_id: str) -> None:
+    ids = {**tracked_ids(folder), tracker: run_id}
+    atomic_write(Path(folder) / IDS_FILE, (json.dumps(ids, indent=2) + "\n").encode())
 
 
 def open_trackers(names: Sequence[str], folder: Path, config: Mapping[str, Any]) -> list[Tracker]:

@@ -5,16 +5,18 @@ need to know before anything loads (:class:`TaskFamily`)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from glora.federation.config import RunConfig
 from glora.models.export import ExportInfo
 from glora.models.lora import LoraSettings
 from glora.models.precision import loading_kwargs
+
+if TYPE_CHECKING:  # annotations only: the tasks sit below the federation layer
+    from glora.federation.config import RunConfig
 
 
 class FederatedTask(Protocol):

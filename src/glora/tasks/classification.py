@@ -12,14 +12,16 @@ label skew, or ``--partition-column`` (each distinct value's rows to one client)
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.console import Console
 
 from glora.data.dataset_files import Splits, read_splits, require_columns
 from glora.data.glue import TaskSpec
-from glora.federation.config import RunConfig
 from glora.tasks.glue import GROUP, ClassificationTask
+
+if TYPE_CHECKING:  # annotations only: the tasks sit below the federation layer
+    from glora.federation.config import RunConfig
 
 CLASSIFICATION_METRICS = ("accuracy", "f1_macro")
 REGRESSION_METRICS = ("pearson", "spearmanr")

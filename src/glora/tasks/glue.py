@@ -5,7 +5,7 @@ the same base (glora.tasks.classification)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,11 +14,13 @@ from torch import nn
 from glora.data import glue
 from glora.data.metrics import compute_metrics
 from glora.data.partition import dirichlet_partition, iid_partition, label_buckets, natural_partition
-from glora.federation.config import RunConfig
 from glora.models.backbones import encoder_config, load_classifier, resolve_backbone
 from glora.models.device import to_device
 from glora.models.export import ExportInfo, hub_id
 from glora.tasks.base import TaskFamily, base_kwargs, lora_settings
+
+if TYPE_CHECKING:  # annotations only: the tasks sit below the federation layer
+    from glora.federation.config import RunConfig
 
 # A training row's natural client (``--partition-column``), carried through the row filters.
 GROUP = "_group"

@@ -15,7 +15,7 @@ IID (the default).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,13 +33,15 @@ from glora.data.superni_prompts import (
     encode_target,
     fit_prompt,
 )
-from glora.federation.config import RunConfig
 from glora.models.causal import load_causal_lm, resolve_causal_lm
 from glora.models.export import ExportInfo, hub_id
 from glora.models.generate import generate
 from glora.tasks.base import TaskFamily, base_kwargs, lora_settings
 from glora.tasks.classification import check_dataset_options
 from glora.tasks.superni import SUPERNI_DEFAULTS
+
+if TYPE_CHECKING:  # annotations only: the tasks sit below the federation layer
+    from glora.federation.config import RunConfig
 
 METRICS = ("rougeL", "exact_match")
 

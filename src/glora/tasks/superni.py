@@ -13,7 +13,7 @@ reference is the rule ``centralized``, one client holding every client's trainin
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,11 +29,13 @@ from glora.data.superni_prompts import (
     collate_for_training,
     encode_task,
 )
-from glora.federation.config import RunConfig
 from glora.models.causal import load_causal_lm, resolve_causal_lm
 from glora.models.export import ExportInfo, hub_id
 from glora.models.generate import generate
 from glora.tasks.base import TaskFamily, base_kwargs, lora_settings
+
+if TYPE_CHECKING:  # annotations only: the tasks sit below the federation layer
+    from glora.federation.config import RunConfig
 
 # Defaults that differ from the dataclass's (GLUE's): the SmolLM2 backbone with LoRA on its
 # attention projections, clients split by task (no label skew), and a budget sized for this

@@ -29,7 +29,7 @@ from glora.experiments.statistics import (
     run_costs,
 )
 from glora.experiments.sweep_results import FINISHED, Results, Run, load_results
-from glora.federation.results import atomic_write
+from glora.files import atomic_write
 
 
 def _provenance(res: Results, runs: list[Run]) -> str:
