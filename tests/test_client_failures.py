@@ -100,6 +100,7 @@ def test_a_diverging_client_is_skipped_and_the_run_finishes_its_rounds(tmp_path,
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["rounds"] == 2 and [r["clients"] for r in rows] == [[0, 2], [0, 2]]
     assert all(set(r["left_out"]) == {"1"} and "contains NaN or Inf" in r["left_out"]["1"] for r in rows)
+    assert summary["left_out"] == {"1": [1], "2": [1]}
     with pytest.raises(ValueError, match=r"round 1: client 1: layer .* contains NaN or Inf"):
         run_federation(cfg.replace(on_client_error="abort"), tmp_path / "abort", progress=False)
 
@@ -151,3 +152,28 @@ def test_a_node_reporting_a_false_example_count_is_left_out(task_identity, caplo
         strategy.start(grid, ArrayRecord(initial_head()), num_rounds=1)
     assert "left out client 2 (node 102): example count 1000000000 differs from its partition's 20" in caplog.text
     assert strategy.last_record["clients"] == [0, 1]
+
+
+def test_a_restarted_node_with_a_new_id_takes_its_partition_back(task_identity, caplog):
+    import logging
+
+    from flwr.app import ArrayRecord
+
+    from tests.test_flower import FakeGrid, initial_head, make_strategy
+
+    strategy = make_strategy("glora", [2, 2, 2])
+    ids = [n.node_id for n in strategy.nodes]
+    grid = FakeGrid(ids, {ids[0]: 30, ids[1]: 50, ids[2]: 20})
+    rounds = []
+
+    def after_round(t, _):
+        rounds.append(strategy.last_record)
+        if t == 1:  # node 101 (partition 1) restarts: it reconnects as node 201
+            grid.node_ids[1] = 201
+            grid.examples[201] = 50
+
+    with caplog.at_level(logging.INFO, logger="flwr.glora"):
+        strategy.start(grid, ArrayRecord(initial_head()), num_rounds=2, evaluate_fn=after_round)
+    assert "partition 1: node 201 takes over from node 101 (gone)" in caplog.text
+    assert [r["clients"] for r in rounds[1:]] == [[0, 1, 2], [0, 1, 2]]
+    assert strategy.nodes[1].node_id == 201 and (2, 201) in grid.trained

@@ -356,6 +356,8 @@ class Federation:
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "server_seconds_total": sum(r["server_seconds"] for r in rows),
+            # Each round's clients left out (failure policy; in Flower also lost nodes), by round.
+            "left_out": {str(r["round"]): sorted(int(i) for i in r["left_out"]) for r in rows if r.get("left_out")},
         }
 
 

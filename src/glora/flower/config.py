@@ -35,7 +35,10 @@ class FlowerOptions:
     round waits for replies, and how long the server waits for the nodes to connect."""
 
     out: str = UNSET
-    round_timeout: float = 3600.0
+    # A node's share of a round is at most 339 s in 99.9% of the 7,179 rounds recorded under
+    # results/ (this CPU, MiniLM and SmolLM2, the pooled reference aside): 900 s leaves room
+    # without letting one stalled node hold a round for an hour. Raise it for larger models.
+    round_timeout: float = 900.0
     node_wait: float = 600.0
 
     def folder(self, cfg: RunConfig) -> Path:
@@ -112,7 +115,7 @@ def flower_toml(cfg: RunConfig = EXAMPLE, options: FlowerOptions | None = None) 
     helps = {_key(f.name): f.metadata["help"] for f in dataclasses.fields(cfg)}
     helps |= {
         "out": "The run folder. Default runs/flower-<task>-<rule>-<hash> under the SuperLink's working directory.",
-        "round-timeout": "Seconds a round waits for replies.",
+        "round-timeout": "Seconds a round waits for replies (raise it for models slower than MiniLM on a CPU).",
         "node-wait": "Seconds the server waits for `clients` nodes to connect.",
     }
     lines = ["[tool.flwr.app.config]"]

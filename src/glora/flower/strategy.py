@@ -66,7 +66,8 @@ class RuleStrategy(Strategy):
     on_client_error, max_failed_fraction, clip_update_norm: the run's failure and clipping
     policy (RunConfig), as in the in-process driver. on_updates: called with each round's
     good replies (round, clients, updates, weights) before they are screened, as
-    ``--record-updates`` stores them.
+    ``--record-updates`` stores them. query_timeout: how long a round waits for nodes that
+    reconnected to say which partition they serve (:meth:`rebind`).
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class RuleStrategy(Strategy):
         max_failed_fraction: float = 0.5,
         clip_update_norm: float | None = None,
         on_updates: Callable[[int, list[int], list[ClientUpdate], list[float]], None] | None = None,
+        query_timeout: float = 60.0,
     ) -> None:
         self.rule_name = rule
         self.rule = get_rule(rule, **(rule_options or {}))
@@ -104,6 +106,7 @@ class RuleStrategy(Strategy):
         self.on_client_error, self.max_failed_fraction = on_client_error, max_failed_fraction
         self.clip_update_norm = clip_update_norm
         self.on_updates = on_updates
+        self.query_timeout = query_timeout
         self.state = state if state is not None else ServerState(head=dict(head))
         self.shapes = {n: (f.B.shape[0], f.A.shape[1]) for n, f in next(iter(init.values())).items()}
         self.head_template = dict(head)
@@ -123,6 +126,7 @@ class RuleStrategy(Strategy):
         merge into the base weights) the base offsets so far."""
         self.round_started = time.perf_counter()
         self.last_record = None
+        self.rebind(grid)
         st = self.state
         self.sent, self.sent_to, self.bytes_down, self.readouts = [], {}, {}, {}
         for i in sample_clients(len(self.nodes), server_round, self.fraction, self.seed):
@@ -140,6 +144,28 @@ class RuleStrategy(Strategy):
             self.bytes_down[node.client] = record_bytes(arrays)
             self.readouts[node.client] = factors
         return self.sent  # a list: pushing fills in each message's id, which replies refer to
+
+    def rebind(self, grid: Grid) -> None:
+        """A node that connected since the last round (a restarted SuperNode gets a new id)
+        takes over the partition it declares when the node that served it is gone, at the
+        same rank; the partition is left out of the rounds until one does."""
+        live = set(grid.get_node_ids())
+        gone = {n.client for n in self.nodes if n.node_id not in live}
+        new = sorted(live - {n.node_id for n in self.nodes})
+        if not gone or not new:
+            return
+        found, _, _ = query_nodes(grid, new, self.query_timeout)
+        for pid, (node_id, rank) in sorted(found.items()):
+            if pid not in gone:
+                continue
+            old = self.nodes[pid]
+            if rank != old.rank:
+                log.warning(
+                    "node %d declares partition %d at rank %d, not its rank %d: ignored", node_id, pid, rank, old.rank
+                )
+                continue
+            self.nodes[pid] = NodeClient(node_id, pid, rank)
+            log.info("partition %d: node %d takes over from node %d (gone)", pid, node_id, old.node_id)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -260,6 +286,21 @@ def discover_nodes(grid: Grid, expected: int, timeout: float, poll: float = 1.0)
                 "(one per partition) or lower the run config's 'clients'"
             )
         time.sleep(poll)
+    found, reasons, replied = query_nodes(grid, ids, timeout)
+    missing = sorted(set(range(expected)) - set(found))
+    if missing:
+        raise ValueError(
+            f"no node answered for partitions {missing} of {expected} ({replied} of {len(ids)} nodes replied"
+            + (f"; {'; '.join(reasons)}" if reasons else "")
+            + ")"
+        )
+    return {p: found[p] for p in range(expected)}
+
+
+def query_nodes(grid: Grid, ids: Sequence[int], timeout: float) -> tuple[dict[int, tuple[int, int]], list[str], int]:
+    """Ask the nodes ``ids`` for their partition and rank: ({partition id: (node id, rank)},
+    the reasons of nodes that answered with an error, the number of replies). ValueError when
+    two nodes declare one partition."""
     queries = [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in ids
     ]
@@ -280,11 +321,4 @@ def discover_nodes(grid: Grid, expected: int, timeout: float, poll: float = 1.0)
                 "--node-config 'partition-id=I num-partitions=N'"
             )
         found[pid] = (node, rank)
-    missing = sorted(set(range(expected)) - set(found))
-    if missing:
-        raise ValueError(
-            f"no node answered for partitions {missing} of {expected} ({len(replies)} of {len(ids)} nodes replied"
-            + (f"; {'; '.join(reasons)}" if reasons else "")
-            + ")"
-        )
-    return {p: found[p] for p in range(expected)}
+    return found, reasons, len(replies)
