@@ -527,6 +527,33 @@ def test_the_app_runs_rules_that_merge_or_keep_personal_factors_like_the_in_proc
 
 
 @pytest.mark.slow
+def test_a_flower_run_that_died_after_a_round_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch, reference, task_identity
+):
+    run_config = to_run_config(REFERENCE, FlowerOptions(str(tmp_path / "flower")))
+    nodes = {11: {"partition-id": 0, "num-partitions": 2}, 7: {"partition-id": 1, "num-partitions": 2}}
+    real = Federation.end_round
+
+    def die_after_round_1(self, st, t, record, t_round):
+        real(self, st, t, record, t_round)  # round 1's metrics and checkpoint are written
+        if t == 1:
+            raise RuntimeError("the SuperLink died")
+
+    monkeypatch.setattr(Federation, "end_round", die_after_round_1)
+    with pytest.raises(RuntimeError, match="the SuperLink died"):
+        run_server(LoopbackGrid(run_config, nodes), run_config, run_id=1)
+    monkeypatch.setattr(Federation, "end_round", real)
+    with pytest.raises(ValueError, match="already holds a run; continue it with -c resume=true"):
+        run_server(LoopbackGrid(run_config, nodes), run_config, run_id=2)
+    resumed = {**run_config, "resume": True}
+    summary = run_server(LoopbackGrid(resumed, nodes), resumed, run_id=3)
+    assert_same_run(tmp_path / "flower", reference)
+    assert summary["final"] == json.loads((reference / "summary.json").read_text())["final"]
+    meta = json.loads((tmp_path / "flower" / "meta.json").read_text())
+    assert [r["after_round"] for r in meta["resumes"]] == [1]
+
+
+@pytest.mark.slow
 def test_deployment_engine_matches_the_in_process_run(tmp_path, request):
     # A SuperLink and 2 SuperNodes on loopback; node 1 declares its own rank (4) over the run
     # config's (2), so the ranks are unequal only if node configs reach the server.

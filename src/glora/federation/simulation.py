@@ -63,6 +63,8 @@ class Federation:
         self.console = console or Console(stderr=True)
         self.progress = progress
         self.trackers: list[Tracker] = []
+        # How the driver's user asks for a resume and names the run folder, for messages.
+        self.resume_hint, self.out_hint = "--resume", "--out"
         self._bar: Progress | None = None  # the run's progress display while rounds run
 
     # -- setup ------------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ class Federation:
         existing = store.config()
         if existing is not None and not resume:
             raise ValueError(
-                f"{store.folder} already holds a run; pass --resume to continue it or choose another --out"
+                f"{store.folder} already holds a run; continue it with {self.resume_hint} or choose another "
+                f"{self.out_hint}"
             )
         if existing is not None and existing.get("identity") != cfg.identity():
             saved = RunConfig.from_saved(existing).to_dict()

@@ -5,7 +5,9 @@ configured rounds. After each round it evaluates, merges and stores exactly as t
 simulation does (:class:`~glora.federation.simulation.Federation`), so the run folder
 (config.json, meta.json, metrics.jsonl, checkpoint.pt, summary.json, adapter/) is the same
 format and ``glora report`` reads both: the run folder's lock, the trackers (``report-to``) and
-``record-updates`` work as in ``glora run``. A Flower run cannot be resumed.
+``record-updates`` work as in ``glora run``, and ``-c resume=true`` continues a run folder
+from its last checkpoint (Flower counts the remaining rounds from 1; the run folder keeps the
+run's own round numbers).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def run_server(grid: Grid, run_config: dict, run_id: int) -> dict:
         cfg = cfg.replace(ranks=",".join(str(r) for r in ranks))
     folder = options.folder(cfg)
     fed = Federation(cfg, folder, progress=False)
-    with fed.session(command=["flwr", "run", f"(run {run_id})"]) as st:
+    fed.resume_hint, fed.out_hint = "-c resume=true", "-c out=..."
+    with fed.session(resume=options.resume, command=["flwr", "run", f"(run {run_id})"]) as st:
         return _rounds(grid, fed, st, found, options.round_timeout)
 
 
@@ -68,20 +71,26 @@ def _rounds(grid: Grid, fed: Federation, st: ServerState, found: dict, round_tim
         max_failed_fraction=cfg.max_failed_fraction,
         clip_update_norm=cfg.clip_update_norm,
         on_updates=record_updates if cfg.record_updates else None,
+        round_offset=st.round,  # a resumed run goes on after its checkpoint's round
     )
 
     def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        t = server_round + strategy.round_offset
         record = strategy.last_record  # set by every aggregate_train that does not stop the run
-        fed.end_round(st, server_round, record, strategy.round_started)
+        fed.end_round(st, t, record, strategy.round_started)
         if "eval" not in record:
             return None
-        log.info("glora: %s", eval_line(server_round, record, fed.task.main_metric))
+        log.info("glora: %s", eval_line(t, record, fed.task.main_metric))
         return MetricRecord({k: float(v) for k, v in record["eval"].items()})
 
     strategy.start(
-        grid, ArrayRecord(dict(st.head)), num_rounds=cfg.rounds, timeout=round_timeout, evaluate_fn=end_round
+        grid,
+        ArrayRecord(dict(st.head)),
+        num_rounds=cfg.rounds - st.round,
+        timeout=round_timeout,
+        evaluate_fn=end_round,
     )
     summary = fed.finish(st)
     log.info("glora: finished; summary in %s", fed.store.path("summary.json").resolve())

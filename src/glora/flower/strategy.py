@@ -67,7 +67,8 @@ class RuleStrategy(Strategy):
     policy (RunConfig), as in the in-process driver. on_updates: called with each round's
     good replies (round, clients, updates, weights) before they are screened, as
     ``--record-updates`` stores them. query_timeout: how long a round waits for nodes that
-    reconnected to say which partition they serve (:meth:`rebind`).
+    reconnected to say which partition they serve (:meth:`rebind`). round_offset: rounds done
+    before Flower's round 1 (a resumed run): Flower's round t is the run's round t + offset.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class RuleStrategy(Strategy):
         clip_update_norm: float | None = None,
         on_updates: Callable[[int, list[int], list[ClientUpdate], list[float]], None] | None = None,
         query_timeout: float = 60.0,
+        round_offset: int = 0,
     ) -> None:
         self.rule_name = rule
         self.rule = get_rule(rule, **(rule_options or {}))
@@ -107,6 +109,7 @@ class RuleStrategy(Strategy):
         self.clip_update_norm = clip_update_norm
         self.on_updates = on_updates
         self.query_timeout = query_timeout
+        self.round_offset = round_offset
         self.state = state if state is not None else ServerState(head=dict(head))
         self.shapes = {n: (f.B.shape[0], f.A.shape[1]) for n, f in next(iter(init.values())).items()}
         self.head_template = dict(head)
@@ -124,6 +127,7 @@ class RuleStrategy(Strategy):
     ) -> Iterable[Message]:
         """One Message per sampled node: its readout at its rank, the head, and (for rules that
         merge into the base weights) the base offsets so far."""
+        server_round += self.round_offset
         self.round_started = time.perf_counter()
         self.last_record = None
         self.rebind(grid)
@@ -173,6 +177,7 @@ class RuleStrategy(Strategy):
         """The rule's aggregate of the good replies, screened as in the in-process driver
         (:func:`~glora.federation.robust.settle_round`: a round that loses more than
         ``max_failed_fraction`` of its nodes, or all of them, stops the run)."""
+        server_round += self.round_offset
         by_id = {m.metadata.message_id: self.sent_to[id(m)] for m in self.sent}
         good: dict[int, tuple[ClientUpdate, float, int]] = {}
         left_out: dict[int, str] = {}
