@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from glora.data import dirichlet_partition, iid_partition, label_buckets, label_skew, load_glue
+from glora.data.partition import dirichlet_one_pass_partition
 
 SEEDS = range(5)
 
@@ -122,3 +123,38 @@ def test_the_retry_cap_decides_whether_a_split_is_found_never_which():
     found = dirichlet_partition(y, 50, 0.5, seed=1, min_size=20, max_retries=200)
     again = dirichlet_partition(y, 50, 0.5, seed=1, min_size=20)
     assert all(np.array_equal(a, b) for a, b in zip(found, again, strict=True))
+
+
+@pytest.fixture(scope="module")
+def sst2_labels():
+    return np.array([r["label"] for r in load_glue("sst2", "train")])  # 67,349 rows, 2 classes
+
+
+@pytest.mark.parametrize("clients", [10, 200, 1613])
+def test_the_one_pass_split_reaches_any_number_of_clients(sst2_labels, clients):
+    # The resampling scheme cannot make 200 SST-2 clients of 20 examples at alpha 0.5.
+    if clients == 200:
+        with pytest.raises(ValueError, match="use --partition-scheme one-pass"):
+            dirichlet_partition(sst2_labels, clients, 0.5, seed=0, min_size=20, max_retries=200)
+    parts = dirichlet_one_pass_partition(sst2_labels, clients, 0.5, seed=0, min_size=20)
+    assert len(parts) == clients and min(len(p) for p in parts) >= 20
+    assert_partition(parts, len(sst2_labels))
+    again = dirichlet_one_pass_partition(sst2_labels, clients, 0.5, seed=0, min_size=20)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_the_one_pass_split_skews_labels_as_alpha_says(mnli_labels):
+    skew = {
+        alpha: np.mean(
+            [label_skew(dirichlet_one_pass_partition(mnli_labels, 20, alpha, s, 10), mnli_labels) for s in SEEDS]
+        )
+        for alpha in (0.1, 1.0, 100.0)
+    }
+    assert skew[0.1] > skew[1.0] > skew[100.0] and skew[100.0] < 0.1 and skew[0.1] > 0.4
+
+
+def test_ten_thousand_clients_split_in_one_pass(sst2_labels):
+    parts = dirichlet_one_pass_partition(sst2_labels, 10_000, 0.5, seed=1, min_size=5)
+    assert_partition(parts, len(sst2_labels)) and min(len(p) for p in parts) >= 5
+    with pytest.raises(ValueError, match="6736 clients with at least min_size=10 examples each need 67360"):
+        dirichlet_one_pass_partition(sst2_labels, 6736, 0.5, seed=1, min_size=10)

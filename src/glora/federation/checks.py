@@ -7,6 +7,7 @@ import math
 
 from glora.aggregation import Rule, get_rule
 from glora.aggregation.base import FACTORS
+from glora.data.partition import dirichlet_scheme
 from glora.federation.config import RunConfig
 from glora.models.backbones import POOLINGS
 from glora.models.device import resolve_device
@@ -75,6 +76,7 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--personal-holdout must be in [0, 1), got {cfg.personal_holdout}")
     if cfg.personal_holdout > 0 and not hasattr(family, "evaluate_examples"):
         raise ValueError(f"--personal-holdout needs a task that scores training examples; {cfg.task!r} does not")
+    dirichlet_scheme(cfg.partition_scheme)
     if cfg.on_client_error not in ("skip", "abort"):
         raise ValueError(f"--on-client-error must be 'skip' or 'abort', got {cfg.on_client_error!r}")
     if not 0 <= cfg.max_failed_fraction <= 1:

@@ -47,6 +47,7 @@ _ADDED_FIELDS: dict[str, Any] = {
     "grad_accum_steps": 1,
     "max_grad_norm": None,
     "clip_update_norm": None,
+    "partition_scheme": "resample",
 }
 
 
@@ -159,6 +160,13 @@ class RunConfig:
         FEDERATION,
     )
     min_client_examples: int = option(20, "Fewest examples a client holds under Dirichlet skew.", FEDERATION)
+    partition_scheme: str = option(
+        "resample",
+        "How a Dirichlet split is drawn: resample (Hsu et al.: redraw until every client holds "
+        "min-client-examples; a few dozen clients at most) or one-pass (each client's label mix from "
+        "Dir(alpha), sizes balanced, never redrawn: any number of clients).",
+        FEDERATION,
+    )
     ranks: str = option(
         "2,4,8,16",
         f"Client LoRA ranks: one rank, a list assigned in turn, or {' / '.join(RANK_DISTRIBUTIONS)}.",

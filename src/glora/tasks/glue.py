@@ -13,7 +13,7 @@ from torch import nn
 
 from glora.data import glue
 from glora.data.metrics import compute_metrics
-from glora.data.partition import dirichlet_partition, iid_partition, label_buckets, natural_partition
+from glora.data.partition import dirichlet_scheme, iid_partition, label_buckets, natural_partition
 from glora.models.backbones import encoder_config, load_classifier, resolve_backbone
 from glora.models.device import to_device
 from glora.models.export import ExportInfo, hub_id
@@ -79,7 +79,8 @@ class ClassificationTask(TaskFamily):
         labels = self.train.labels.numpy()
         if self.spec.is_regression:
             labels = label_buckets(labels)
-        return dirichlet_partition(labels, cfg.clients, cfg.alpha, cfg.seed, min_size=cfg.min_client_examples)
+        split = dirichlet_scheme(cfg.partition_scheme)
+        return split(labels, cfg.clients, cfg.alpha, cfg.seed, min_size=cfg.min_client_examples)
 
     def inputs(self, input_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Model inputs of a batch: padded ids, mask and, for sentence pairs on a backbone

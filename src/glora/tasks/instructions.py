@@ -23,7 +23,7 @@ from rich.console import Console
 from torch import nn
 
 from glora.data.dataset_files import read_splits, require_columns
-from glora.data.partition import dirichlet_partition, iid_partition, natural_partition
+from glora.data.partition import dirichlet_scheme, iid_partition, natural_partition
 from glora.data.rouge import rouge_l
 from glora.data.superni_prompts import (
     EncodedInstance,
@@ -133,7 +133,8 @@ class InstructionTask(TaskFamily):
         if cfg.alpha is not None:
             names = sorted({str(g) for g in self.groups})
             ids = np.array([names.index(str(g)) for g in self.groups], dtype=np.int64)
-            return dirichlet_partition(ids, cfg.clients, cfg.alpha, cfg.seed, min_size=cfg.min_client_examples)
+            split = dirichlet_scheme(cfg.partition_scheme)
+            return split(ids, cfg.clients, cfg.alpha, cfg.seed, min_size=cfg.min_client_examples)
         return iid_partition(self.num_train, cfg.clients, cfg.seed)
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
