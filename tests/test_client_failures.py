@@ -60,7 +60,7 @@ def test_an_outlier_client_at_100x_moves_glora_by_at_most_twice_the_clean_norm_w
     assert norm({n: clipped[n] - base[n] for n in base}) <= 2 * norm(base)
 
 
-def test_clipping_scales_only_a_factor_the_client_trained():
+def test_clipping_scales_only_a_factor_the_client_trained_and_sent():
     outlier = update(1, factor=50.0)
     frozen_b = {n: f.B.clone() for n, f in outlier.factors.items()}
     norms = clip_updates([update(0), update(2), outlier], 1.0, frozenset({"A"}))
@@ -75,9 +75,9 @@ def test_a_nan_update_is_left_out_naming_client_and_layer_and_abort_or_too_many_
     args = (3, 3, [0, 4, 7], [update(0), bad, update(2)], [1.0, 1.0, 1.0])
     settled = settle_round(*args, {}, "skip", 0.5, None, frozenset({"A", "B"}))
     assert settled.clients == [0, 7] and settled.left_out == {4: "layer v: factor B contains NaN or Inf"}
-    with pytest.raises(ValueError, match=r"round 3: client 4: layer v: factor B contains NaN or Inf \(--on-client"):
+    with pytest.raises(ValueError, match=r"round 3: client 4: layer v: factor B contains NaN or Inf \(on-client-error"):
         settle_round(*args, {}, "abort", 0.5, None, frozenset({"A", "B"}))
-    with pytest.raises(ValueError, match=r"round 3: 2 of 3 clients failed, more than --max-failed-fraction 0.5"):
+    with pytest.raises(ValueError, match=r"round 3: 2 of 3 clients failed, more than max-failed-fraction 0.5"):
         settle_round(*args, {7: "its training raised RuntimeError: boom"}, "skip", 0.5, None, frozenset({"A", "B"}))
     diverged = update(2, loss=float("nan"))
     left = settle_round(3, 2, [0, 1], [update(0), diverged], [1.0, 1.0], {}, "skip", 0.5, None, frozenset()).left_out
@@ -132,10 +132,14 @@ def test_failure_policy_options_are_checked_up_front():
     for change, words in (
         ({"on_client_error": "ignore"}, "--on-client-error must be 'skip' or 'abort'"),
         ({"max_failed_fraction": 1.5}, r"--max-failed-fraction must be in \[0, 1\]"),
-        ({"clip_update_norm": 0.0}, "--clip-update-norm must be a finite number > 0"),
+        ({"clip_update_norm": 0.5}, "--clip-update-norm must be a finite number >= 1"),
+        ({"partition_scheme": "one-pass", "alpha": None}, "with --alpha iid there is none"),
+        ({"partition_scheme": "tree"}, "--partition-scheme 'tree': choose resample or one-pass"),
+        ({"data_source": "bogus"}, "--data-source must be 'local' or 'hub'"),
+        ({"task": "superni", "data_source": "hub"}, "--data-source hub applies to GLUE tasks"),
     ):
         with pytest.raises(ValueError, match=words):
-            check_config(RunConfig(**change))
+            check_config(RunConfig.from_dict(change))  # with the task's defaults
 
 
 def test_a_node_reporting_a_false_example_count_is_left_out(task_identity, caplog):
@@ -177,3 +181,32 @@ def test_a_restarted_node_with_a_new_id_takes_its_partition_back(task_identity, 
     assert "partition 1: node 201 takes over from node 101 (gone)" in caplog.text
     assert [r["clients"] for r in rounds[1:]] == [[0, 1, 2], [0, 1, 2]]
     assert strategy.nodes[1].node_id == 201 and (2, 201) in grid.trained
+
+
+def test_gradients_a_failed_client_left_do_not_reach_the_next_one():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from glora.federation.client import local_train
+
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(3, 2)
+
+        def forward(self, x, labels):
+            return SimpleNamespace(loss=nn.functional.cross_entropy(self.w(x), labels))
+
+    def trained(dirty: bool) -> torch.Tensor:
+        torch.manual_seed(1)
+        model = Tiny()
+        if dirty:  # what a client that raised after its backward leaves on the shared adapter
+            model.w.weight.grad = torch.full_like(model.w.weight, 100.0)
+        batch = lambda idx: {"x": x[idx], "labels": y[idx]}  # noqa: E731
+        local_train(model, [model.w.weight], [], batch, np.arange(8), 2, 4, 0.1, 0.1, 0.0, seed=0)
+        return model.w.weight.detach().clone()
+
+    assert torch.equal(trained(dirty=True), trained(dirty=False))

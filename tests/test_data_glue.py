@@ -77,7 +77,7 @@ def test_missing_file_names_the_file_the_lookup_and_the_remedies(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "glue" / "rte" / "train.jsonl.gz") in msg
     assert "GLORA_DATA_DIR" in msg
-    assert "source='hub'" in msg
+    assert "--data-source hub" in msg
 
 
 def test_data_dir_env_var_is_used_and_named_in_the_error(tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_default_data_dir_finds_the_shared_copy(monkeypatch):
 
 
 def test_split_that_does_not_exist_offline_is_refused():
-    with pytest.raises(ValueError, match=r"qnli has no 'train' split.*only: validation.*source='hub'"):
+    with pytest.raises(ValueError, match=r"qnli has no 'train' split.*only: validation.*--data-source hub"):
         load_glue("qnli", "train")
     with pytest.raises(ValueError, match=r"unknown split 'test'"):
         load_glue("sst2", "test")

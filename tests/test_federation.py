@@ -164,7 +164,7 @@ def test_resume_reaches_the_same_metrics(tmp_path, monkeypatch):
         Federation(cfg, tmp_path / "resumed", progress=False).run()
     kept = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert len(kept) == 1  # round 1's metrics and checkpoint survive the crash
-    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
         Federation(cfg, tmp_path / "resumed", progress=False).run()
     resumed = Federation(cfg, tmp_path / "resumed", progress=False).run(resume=True)
     assert resumed["final"] == straight["final"]

@@ -19,3 +19,4 @@ def test_committed_reports_are_remade_byte_for_byte():
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "every re-made file is the same" in done.stdout
+    assert done.stdout.count("\nsame ") + done.stdout.startswith("same ") >= 20  # the reports were found

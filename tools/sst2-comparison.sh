@@ -14,8 +14,10 @@ common=(--task sst2 --clients 10 --alpha 0.5 --fraction 1.0 --rounds 20 --local-
         --lr 1e-3 --eval-every 5 --seed 0 --no-progress
         --pooling cls --head-lr-ratio 1)  # the head these runs were made with: first token, the factors' lr
 run() {
-  local name=$1 ranks=$2 threads=$3
-  /usr/bin/time -f "$name: %e s wall, %U s user" .venv/bin/glora run "${common[@]}" --rule "$name" \
+  local name=$1 ranks=$2 threads=$3 pinned=()
+  # The options whose defaults changed after these runs were made, at their values then.
+  case $name in glora) pinned=(--rule-option rank=max) ;; hetlora) pinned=(--rule-option data_weighted=false) ;; esac
+  /usr/bin/time -f "$name: %e s wall, %U s user" .venv/bin/glora run "${common[@]}" --rule "$name" "${pinned[@]}" \
     --ranks "$ranks" --threads "$threads" --out "runs/sst2-comparison/$name" --resume || true
 }
 run glora 2,4,8,16 2 > runs/sst2-comparison-glora.log 2>&1

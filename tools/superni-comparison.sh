@@ -15,9 +15,10 @@ run() {
   /usr/bin/time -f "$name: %e s wall, %U s user" .venv/bin/glora run "${common[@]}" "$@" \
     --out "runs/superni-comparison/$name" --resume || true
 }
-(run glora --rule glora --ranks 2,4,8,16
- run hetlora --rule hetlora --ranks 2,4,8,16
- run zero-shot --rule glora --ranks 2,4,8,16 --rounds 0) > runs/superni-comparison-a.log 2>&1 &
+# GLoRA's server rank and HetLoRA's weights pinned at their defaults when these runs were made.
+(run glora --rule glora --ranks 2,4,8,16 --rule-option rank=max
+ run hetlora --rule hetlora --ranks 2,4,8,16 --rule-option data_weighted=false
+ run zero-shot --rule glora --ranks 2,4,8,16 --rounds 0 --rule-option rank=max) > runs/superni-comparison-a.log 2>&1 &
 (run flexlora --rule flexlora --ranks 2,4,8,16
  run fedit --rule fedit --ranks 8
  run centralized --rule centralized --ranks 2,4,8,16) > runs/superni-comparison-b.log 2>&1 &

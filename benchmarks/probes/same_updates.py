@@ -20,8 +20,8 @@ from glora.aggregation import average_params, get_rule, normalize_weights
 from glora.data.metrics import compute_metrics
 
 RULES = {
-    "glora (projector consensus, R 8)": ("glora", {}),
-    "glora (energy consensus, R 8)": ("glora", {"consensus": "energy"}),
+    "glora (projector consensus, R 8)": ("glora", {"rank": "max"}),
+    "glora (energy consensus, R 8)": ("glora", {"rank": "max", "consensus": "energy"}),
     "glora (projector consensus, R 16)": ("glora", {"rank": 16}),
     "glora (projector consensus, R 32)": ("glora", {"rank": 32}),
     "flexlora (the mean's SVD, every direction kept)": ("flexlora", {}),

@@ -99,6 +99,8 @@ class Rule(ABC):
     #: True where the rule's result is each client's own model (local-only, FedSA-LoRA):
     #: the loop then reports the mean of the clients' own models as the main metric.
     reports_personal: ClassVar[bool] = False
+    # Whether clients may cut their own rank (:meth:`pruned_rank` below their adapter's).
+    prunes: bool = False
 
     def client_plan(self, server_round: int) -> ClientPlan:
         """What clients do in ``server_round`` (1-based). Default: train and send B and A."""

@@ -177,6 +177,7 @@ class HetLoRA(Rule):
             raise ValueError(f"hetlora: prune_ratio must be in (0, 1], got {prune_ratio}")
         self.data_weighted, self.seed = data_weighted, seed
         self.prune_gamma, self.prune_ratio = prune_gamma, prune_ratio
+        self.prunes = prune_gamma > 0
 
     def local_penalty(self, factors: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
         """prune_gamma times the size of the client's trailing components, summed over layers."""

@@ -130,7 +130,7 @@ GLUE_TASKS: dict[str, TaskSpec] = {
             (_HUB, "mnli"),
             hub_splits={"validation": "validation_matched"},
             note="a 3,000/7,469 subset of MNLI offline; not comparable with GLUE MNLI scores; "
-            "source='hub' loads the full MNLI (validation = validation_matched)",
+            "--data-source hub loads the full MNLI (validation = validation_matched)",
         ),
         TaskSpec(
             "qqp_subset",
@@ -142,7 +142,7 @@ GLUE_TASKS: dict[str, TaskSpec] = {
             ("not_duplicate", "duplicate"),
             (_HUB, "qqp"),
             note="a 2,000/7,600 subset of QQP offline; not comparable with GLUE QQP scores; "
-            "source='hub' loads the full QQP",
+            "--data-source hub loads the full QQP",
         ),
     )
 }
@@ -193,7 +193,7 @@ def load_glue(task: str, split: str, data_dir: Path | str | None = None, source:
     if split not in spec.local_splits:
         raise ValueError(
             f"{spec.name} has no {split!r} split in the offline data (only: {', '.join(spec.local_splits)}); "
-            f"{spec.note}. source='hub' loads it online."
+            f"{spec.note}. --data-source hub loads it online."
         )
     path = glue_file(spec, split, data_dir)
     if not path.is_file():
@@ -208,11 +208,11 @@ def load_glue(task: str, split: str, data_dir: Path | str | None = None, source:
             f"The data directory was looked up in {where}. "
             f"Point ${DATA_ENV} (or the data_dir option, --data-dir on the command line) at a folder "
             f"with the layout glue/<task>/<split>.jsonl.gz (see shared/data/README.md), "
-            f"or load the split online with source='hub'."
+            f"or load the split online with --data-source hub."
         )
     remedy = (
         "the file is damaged; restore it from the offline copy (its verify.py checks every file), "
-        "or load the split online with source='hub'"
+        "or load the split online with --data-source hub"
     )
     return list(read_jsonl(path, (*spec.text_fields, "label"), remedy))
 

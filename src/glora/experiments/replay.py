@@ -62,7 +62,7 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("fedit", "fedit"),
     Candidate("flora", "flora"),
     Candidate("flexlora", "flexlora"),
-    Candidate("hetlora", "hetlora"),
+    Candidate("hetlora", "hetlora", lambda r: {"data_weighted": False}),  # the norm-only rule the replays report
     Candidate("fedex-lora", "fedex-lora"),
     Candidate("florist", "florist"),
 )

@@ -47,8 +47,6 @@ def check_config(cfg: RunConfig) -> Rule:
     ):
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    if cfg.head_lr_ratio <= 0:
-        raise ValueError(f"--head-lr-ratio must be > 0 (the head's lr over the factors'), got {cfg.head_lr_ratio}")
     if cfg.logit_adjustment < 0:
         raise ValueError(f"--logit-adjustment must be >= 0 (0: plain cross-entropy), got {cfg.logit_adjustment}")
     if cfg.logit_adjustment > 0 and not family.has_labels(cfg):
@@ -81,10 +79,22 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--on-client-error must be 'skip' or 'abort', got {cfg.on_client_error!r}")
     if not 0 <= cfg.max_failed_fraction <= 1:
         raise ValueError(f"--max-failed-fraction must be in [0, 1], got {cfg.max_failed_fraction}")
-    if cfg.clip_update_norm is not None and not (math.isfinite(cfg.clip_update_norm) and cfg.clip_update_norm > 0):
+    if cfg.clip_update_norm is not None and not (math.isfinite(cfg.clip_update_norm) and cfg.clip_update_norm >= 1):
         raise ValueError(
-            f"--clip-update-norm must be a finite number > 0 (a multiple of the median client norm, e.g. 2), "
-            f"got {cfg.clip_update_norm}"
+            f"--clip-update-norm must be a finite number >= 1 (a multiple of the median client norm, e.g. 2; "
+            f"below 1 it would clip half the honest clients every round), got {cfg.clip_update_norm}"
+        )
+    if cfg.partition_scheme != "resample" and (cfg.alpha is None or cfg.partition_column):
+        raise ValueError(
+            f"--partition-scheme {cfg.partition_scheme} draws a Dirichlet split; with "
+            f"{'--alpha iid' if cfg.alpha is None else '--partition-column'} there is none: leave it at resample"
+        )
+    if cfg.data_source not in ("local", "hub"):
+        raise ValueError(f"--data-source must be 'local' or 'hub', got {cfg.data_source!r}")
+    if cfg.data_source == "hub" and not family.reads_hub:
+        raise ValueError(
+            f"--data-source hub applies to GLUE tasks; task {cfg.task!r} reads its data from --data-dir "
+            "(SuperNI) or --dataset (a hub id there loads it online)"
         )
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"--weighting must be 'examples' or 'uniform', got {cfg.weighting!r}")

@@ -73,34 +73,40 @@ def local_train(
     for p in head_params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    # The adapter of a rank is shared by its clients: a client whose training raised after a
+    # backward (a skipped client) must not leave its gradients to the next one.
+    opt.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     if logit_bias is not None:
         logit_bias = logit_bias.to(device)
-    model.train()
-    losses = []
     trained = [p for group in groups for p in group["params"]]
     batches = batch_indices(indices, batch_size, steps * grad_accum_steps, seed)
-    for _ in range(steps):
-        total = 0.0
-        for _ in range(grad_accum_steps):
-            batch = to_device(make_batch(next(batches)), device)
-            if logit_bias is None:
-                loss = model(**batch).loss
-            else:
-                labels = batch.pop("labels")
-                loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias, labels)
-            extra = penalty() if penalty is not None else None
-            objective = loss if extra is None else loss + extra
-            (objective / grad_accum_steps if grad_accum_steps > 1 else objective).backward()
-            total += float(loss.detach())
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
-        opt.step()
+    model.train()
+    losses = []
+    try:
+        for _ in range(steps):
+            total = 0.0
+            for _ in range(grad_accum_steps):
+                batch = to_device(make_batch(next(batches)), device)
+                if logit_bias is None:
+                    loss = model(**batch).loss
+                else:
+                    labels = batch.pop("labels")
+                    loss = nn.functional.cross_entropy(model(**batch).logits + logit_bias, labels)
+                extra = penalty() if penalty is not None else None
+                objective = loss if extra is None else loss + extra
+                (objective / grad_accum_steps if grad_accum_steps > 1 else objective).backward()
+                total += float(loss.detach())
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total / grad_accum_steps)
+            if on_step is not None:
+                on_step()
+    finally:
         opt.zero_grad(set_to_none=True)
-        losses.append(total / grad_accum_steps)
-        if on_step is not None:
-            on_step()
-    model.eval()
+        model.eval()
     return losses
 
 

@@ -138,7 +138,7 @@ class RunConfig:
         None, "Data directory.", DATA, default_text="../shared/data", envvar="GLORA_DATA_DIR", identity=False
     )
     data_source: str = option(
-        "local", "Where GLUE and SuperNI are read: local (--data-dir) or hub (the Hugging Face hub, online).", DATA
+        "local", "Where GLUE is read: local (--data-dir) or hub (the Hugging Face hub, online).", DATA
     )
     max_train_examples: int | None = option(
         None, "Cap on the pooled training set (seeded sample).", DATA, default_text="all"

@@ -164,11 +164,14 @@ def aggregate_round(
     weights: list[float],
     bytes_down: int,
     bytes_up: int,
+    sampled: int,
 ) -> dict[str, Any]:
     """The server half of a round: keep each client's own part, aggregate every layer with
     the rule, average the head where the rule shares it; returns the round's metrics row.
-    ``bytes_down`` / ``bytes_up``: what the driver's transport carried to and from these
-    clients (the in-process driver counts :func:`download_bytes` and :func:`upload_bytes`)."""
+    ``bytes_down`` / ``bytes_up``: what the driver's transport carried to all ``sampled``
+    clients (a client left out was still sent its readout) and from these ones (the
+    in-process driver counts :func:`download_bytes` and :func:`upload_bytes`); per client,
+    each is divided by the clients it went to."""
     plan = rule.client_plan(server_round)
     by_layer: dict[str, list[LowRank]] = {}
     for i, u in zip(clients, updates, strict=True):
@@ -189,7 +192,7 @@ def aggregate_round(
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "bytes_up_per_client": bytes_up / len(clients),
-        "bytes_down_per_client": bytes_down / len(clients),
+        "bytes_down_per_client": bytes_down / sampled,
     }
 
 

@@ -23,6 +23,7 @@ import torch
 import glora
 from glora.federation.config import RunConfig
 from glora.files import atomic_torch_save, atomic_write
+from glora.tracking import IDS_FILE
 
 CONFIG, META, METRICS, CHECKPOINT, SUMMARY, ADAPTER, UPDATES = (
     "config.json",
@@ -98,6 +99,7 @@ class RunStore:
         """Write config.json and meta.json (how and where the run was made: ``device`` is the
         torch device type the model trains on, which the config's "auto" leaves open)."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.path(IDS_FILE).unlink(missing_ok=True)  # a run begun again is a new tracked run
         write_json(self.path(CONFIG), {"identity": identity, **config})
         write_json(self.path(META), provenance(command, device))
 
@@ -201,11 +203,16 @@ class RunStore:
             return None
         try:
             # Our own file: LayerState objects are pickled dataclasses of tensors.
-            return torch.load(p, weights_only=False)
+            ckpt = torch.load(p, weights_only=False)
         except Exception as e:  # a truncated or empty file raises pickle, zip or EOF errors
             raise ValueError(
                 f"{p} is damaged ({type(e).__name__}); delete it to begin the run again from round 1, or restore it"
             ) from None
+        from glora.federation.engine import ClientState  # checkpoints hold the engine's records
+
+        st = ckpt["state"]
+        st.personal = {i: ClientState.of(own) for i, own in st.personal.items()}  # older versions kept dicts
+        return ckpt
 
     def save_updates(self, server_round: int, record: dict[str, Any]) -> None:
         """Store one round's client updates (``--record-updates``), atomically."""

@@ -47,14 +47,18 @@ def update_norm(factors: Mapping[str, LowRank]) -> float:
     return math.sqrt(total)
 
 
-def clip_updates(updates: list[ClientUpdate], multiple: float, trained: frozenset[str]) -> list[float]:
+def clip_updates(updates: list[ClientUpdate], multiple: float, scalable: frozenset[str]) -> list[float]:
     """Scale, in place, every update whose :func:`update_norm` exceeds ``multiple`` x the
     median over ``updates`` down to that bound; returns each update's norm before clipping.
-    The factor scaled is one the client trained (B where it trains B), so a factor the rule
-    keeps frozen and shared stays as the server sent it."""
+    ``scalable``: the factors the client both trained and sent (B where it may): a factor the
+    rule keeps frozen and shared stays as the server sent it, and a personal one (FedSA-LoRA's
+    B) is never the one scaled, since the server would not aggregate the change.
+
+    A median bound needs an honest majority: with two clients, or with outliers making up
+    half the round, the median is itself an outlier's norm or beyond it."""
     norms = [update_norm(u.factors) for u in updates]
     bound = multiple * float(np.median(norms))
-    factor = "B" if "B" in trained else "A"
+    factor = "B" if "B" in scalable else "A"
     for u, norm in zip(updates, norms, strict=True):
         if norm > bound > 0:
             c = bound / norm
@@ -83,7 +87,7 @@ def settle_round(
     on_error: str,
     max_failed_fraction: float,
     clip_multiple: float | None,
-    trained: frozenset[str],
+    scalable: frozenset[str],
 ) -> Settled:
     """The updates of round ``server_round`` that the rule may aggregate.
 
@@ -102,15 +106,15 @@ def settle_round(
             left[i] = problem
     reasons = "; ".join(f"client {i}: {r}" for i, r in sorted(left.items()))
     if left and on_error == "abort":
-        raise ValueError(f"round {server_round}: {reasons} (--on-client-error abort stops the run)")
+        raise ValueError(f"round {server_round}: {reasons} (on-client-error abort stops the run)")
     if not keep or len(left) > max_failed_fraction * sampled:
         raise ValueError(
-            f"round {server_round}: {len(left)} of {sampled} clients failed, more than --max-failed-fraction "
-            f"{max_failed_fraction}: {reasons}. The run stops; its last checkpoint is kept (--resume)"
+            f"round {server_round}: {len(left)} of {sampled} clients failed, more than max-failed-fraction "
+            f"{max_failed_fraction}: {reasons}. The run stops; its last checkpoint is kept for a resume"
         )
     settled = Settled([i for i, _, _ in keep], [u for _, u, _ in keep], [w for _, _, w in keep], left)
     if clip_multiple is not None:
-        norms = clip_updates(settled.updates, clip_multiple, trained)
+        norms = clip_updates(settled.updates, clip_multiple, scalable)
         bound = clip_multiple * float(np.median(norms))
         settled.clipped = {i: n / bound for i, n in zip(settled.clients, norms, strict=True) if n > bound > 0}
     return settled

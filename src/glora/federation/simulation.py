@@ -25,7 +25,6 @@ from glora.federation.checks import check_config
 from glora.federation.client import adapted_model, train_client
 from glora.federation.config import NOT_IDENTITY, RunConfig
 from glora.federation.engine import (
-    ClientState,
     ClientUpdate,
     ServerState,
     aggregate_round,
@@ -86,8 +85,6 @@ class Federation:
     def _round(self, st: ServerState, t: int, bar) -> dict[str, Any]:
         cfg, plan = self.cfg, self.rule.client_plan(t)
         clients, updates, weights, bytes_down, failed = self.client_updates(st, t, bar)
-        if cfg.record_updates:
-            self.store.save_updates(t, update_record(st, t, clients, updates, weights))
         sampled = len(clients) + len(failed)
         settled = settle_round(
             t,
@@ -99,13 +96,15 @@ class Federation:
             cfg.on_client_error,
             cfg.max_failed_fraction,
             cfg.clip_update_norm,
-            plan.train,
+            plan.train & plan.send,
         )
+        if cfg.record_updates:  # what the rule aggregates this round (after screening and clipping)
+            self.store.save_updates(t, update_record(st, t, settled.clients, settled.updates, settled.weights))
         for i, reason in sorted(settled.left_out.items()):
             self.console.print(f"[yellow]round {t}: left out client {i}[/yellow]: {reason}")
         bytes_up = sum(upload_bytes(u, plan) for u in settled.updates)
         record = aggregate_round(
-            self.rule, st, t, settled.clients, settled.updates, settled.weights, bytes_down, bytes_up
+            self.rule, st, t, settled.clients, settled.updates, settled.weights, bytes_down, bytes_up, sampled
         )
         if settled.left_out:
             record["left_out"] = {str(i): reason for i, reason in sorted(settled.left_out.items())}
@@ -147,6 +146,8 @@ class Federation:
                     on_step=(lambda tid=task_id: bar.advance(tid)) if bar is not None else None,
                 )
             except Exception as e:
+                if cfg.on_client_error == "abort":
+                    raise  # with its traceback: under abort a failing client may be a bug to find
                 failed[i] = f"its training raised {type(e).__name__}: {e}"
                 continue
             finally:
@@ -199,7 +200,6 @@ class Federation:
             )
         if ckpt is not None:
             st = ckpt["state"]
-            st.personal = {i: ClientState.of(own) for i, own in st.personal.items()}
             if st.base_offsets is not None:
                 self.model.set_base_offsets(st.base_offsets)
             store.truncate_metrics(st.round)
@@ -237,9 +237,9 @@ class Federation:
         st.round = t
         st.elapsed = time.perf_counter() - self.started
         self.store.append_metrics(record)
-        for tracker in self.trackers:
-            tracker.log(t, flatten(record))
         self.store.save_checkpoint({"state": st, "config": cfg.to_dict()})
+        for tracker in self.trackers:  # after the checkpoint: a round the trackers saw never runs again
+            tracker.log(t, flatten(record))
 
     def evaluate_untuned(self, st: ServerState) -> None:
         """``--rounds 0``: the zero-shot reference. Evaluates the backbone as loaded (no
@@ -263,9 +263,9 @@ class Federation:
         record["peak_rss_mb"] = peak_rss_mb()
         st.elapsed = time.perf_counter() - self.started
         self.store.append_metrics(record)
+        self.store.save_checkpoint({"state": st, "config": self.cfg.to_dict()})
         for tracker in self.trackers:
             tracker.log(0, flatten(record))
-        self.store.save_checkpoint({"state": st, "config": self.cfg.to_dict()})
 
     def finish(self, st: ServerState) -> dict[str, Any]:
         """Write and return the run's summary."""
@@ -288,9 +288,10 @@ class Federation:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         with self.session(resume) as st:
-            return self._run(st)
+            return self.run_rounds(st)
 
-    def _run(self, st: ServerState) -> dict[str, Any]:
+    def run_rounds(self, st: ServerState) -> dict[str, Any]:
+        """The rounds from ``st`` to the last, then the summary (inside :meth:`session`)."""
         cfg = self.cfg
         prog = (
             Progress(

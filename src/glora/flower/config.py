@@ -87,6 +87,12 @@ def from_run_config(run_config: Mapping[str, Any], cls: type[RunConfig] = RunCon
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"run config key 'rule-options': bad value {value!r} ({e})") from None
         values[f.name] = value
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        # flwr parses "fraction=1" as an int; the command line's float option gives 1.0 for the
+        # same run, and a run's identity hashes the value: a number is a float where one is declared.
+        if float in (hints[name], *typing.get_args(hints[name])) and type(value) is int:
+            values[name] = float(value)
     try:
         cfg = cls.from_dict(values)
     except ValueError as e:

@@ -64,8 +64,8 @@ class RuleStrategy(Strategy):
     the rounds update (shared with the ServerApp, which evaluates and merges it). sizes: each
     client's example count, as the server knows it; a node that reports another is left out.
     on_client_error, max_failed_fraction, clip_update_norm: the run's failure and clipping
-    policy (RunConfig), as in the in-process driver. on_updates: called with each round's
-    good replies (round, clients, updates, weights) before they are screened, as
+    policy (RunConfig), as in the in-process driver. on_updates: called with what each round
+    aggregates (round, clients, updates, weights), after screening and clipping, as
     ``--record-updates`` stores them. query_timeout: how long a round waits for nodes that
     reconnected to say which partition they serve (:meth:`rebind`). round_offset: rounds done
     before Flower's round 1 (a resumed run): Flower's round t is the run's round t + offset.
@@ -158,7 +158,11 @@ class RuleStrategy(Strategy):
         new = sorted(live - {n.node_id for n in self.nodes})
         if not gone or not new:
             return
-        found, _, _ = query_nodes(grid, new, self.query_timeout)
+        try:
+            found, _, _ = query_nodes(grid, new, self.query_timeout)
+        except (ValueError, KeyError) as e:  # two claimants of a partition, a malformed reply: not this round
+            log.warning("new nodes %s left unbound this round: %s", new, e)
+            return
         for pid, (node_id, rank) in sorted(found.items()):
             if pid not in gone:
                 continue
@@ -170,6 +174,12 @@ class RuleStrategy(Strategy):
                 continue
             self.nodes[pid] = NodeClient(node_id, pid, rank)
             log.info("partition %d: node %d takes over from node %d (gone)", pid, node_id, old.node_id)
+            if pid in self.state.personal:
+                log.warning(
+                    "partition %d: its own factors stayed on node %d; it starts again from the readout",
+                    pid,
+                    old.node_id,
+                )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -198,8 +208,6 @@ class RuleStrategy(Strategy):
             if node.client not in good and node.client not in left_out:
                 left_out[node.client] = "no reply within the round's timeout"
         clients = sorted(good)
-        if self.on_updates is not None:
-            self.on_updates(server_round, clients, [good[i][0] for i in clients], [good[i][1] for i in clients])
         settled = settle_round(
             server_round,
             len(self.sent),
@@ -210,16 +218,26 @@ class RuleStrategy(Strategy):
             self.on_client_error,
             self.max_failed_fraction,
             self.clip_update_norm,
-            self.rule.client_plan(server_round).train,
+            self.rule.client_plan(server_round).train & self.rule.client_plan(server_round).send,
         )
+        if self.on_updates is not None:  # what the rule aggregates (after screening and clipping)
+            self.on_updates(server_round, settled.clients, settled.updates, settled.weights)
         for client, reason in sorted(settled.left_out.items()):
             log.warning(
                 "round %d: left out client %d (node %d): %s", server_round, client, self.nodes[client].node_id, reason
             )
-        bytes_down = sum(self.bytes_down[i] for i in settled.clients)
+        bytes_down = sum(self.bytes_down.values())  # every message sent, answered or not
         bytes_up = sum(good[i][2] for i in settled.clients)
         record = aggregate_round(
-            self.rule, self.state, server_round, settled.clients, settled.updates, settled.weights, bytes_down, bytes_up
+            self.rule,
+            self.state,
+            server_round,
+            settled.clients,
+            settled.updates,
+            settled.weights,
+            bytes_down,
+            bytes_up,
+            len(self.sent),
         )
         if settled.left_out:
             record["left_out"] = {str(i): reason for i, reason in sorted(settled.left_out.items())}

@@ -54,11 +54,13 @@ class TaskFamily:
 
     has_head: the model has a classification head (``--pooling`` and the head's learning
     rate apply); False for text generation.
+    reads_hub: ``--data-source hub`` applies (the family can read its data from the hub).
     defaults: values of RunConfig fields this family sets when the user does not, with the
     value ``"rounds"`` for eval_every meaning "evaluate at the end only" (generation is slow).
     """
 
     has_head: ClassVar[bool] = True
+    reads_hub: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod

@@ -153,6 +153,8 @@ class ClassificationTask(TaskFamily):
 class GlueTask(ClassificationTask):
     """A GLUE task, from the offline copy (--data-dir) or the hub."""
 
+    reads_hub = True
+
     @classmethod
     def has_labels(cls, cfg: RunConfig) -> bool:
         return not glue.get_task(cfg.task).is_regression

@@ -187,8 +187,6 @@ def resolve_config(preset: Preset, task: str, setting: Setting, rule: str, seed:
         **setting.overrides.get("rule_options", {}),
     }
     d.update(task=task, rule=rule, seed=seed)
-    if d.get("alpha") == "iid":
-        d["alpha"] = None
     return canonical(RunConfig.from_dict(d))
 
 

@@ -75,7 +75,7 @@ def versus_section(res: Results, min_seeds: int = 2) -> str:
         "\n## Each variant column against the column it varies, seed by seed\n\nA variant column (`versus` in the "
         "preset) changes one thing of another column and keeps its splits, so a seed pairs the two. Each cell: "
         "the variant's final metric minus the metric of the rule in the column head in the other column, "
-        "mean ± sample standard deviation over the seeds both finished (n), and on how many of them the variant "
+        "mean and paired 95% t-interval over the seeds both finished (n), and on how many of them the variant "
         f"came out ahead. Only cells with at least {min_seeds} seeds in common.\n"
     )
     return head + "".join(out)
