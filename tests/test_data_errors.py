@@ -70,7 +70,7 @@ def test_a_damaged_glue_file_is_one_error_naming_it_and_the_remedy(tmp_path, dam
     message = str(e.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert "restore it from the offline copy (its verify.py checks every file)" in message
-    assert "source='hub'" in message
+    assert "--data-source hub" in message
 
 
 def test_a_glue_row_without_its_fields_names_the_line(tmp_path):
