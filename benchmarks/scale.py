@@ -129,9 +129,13 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])
-    (args.out / "scale.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    (args.out / "scale.md").write_text(f"Made by `{command}`.\n\n" + table(rows))
+    from glora.federation.results import git_commit
+
+    command, commit = " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]]), git_commit()
+    (args.out / "scale.json").write_text(
+        json.dumps({"command": command, "commit": commit, "rows": rows}, indent=2) + "\n"
+    )
+    (args.out / "scale.md").write_text(f"Made by `{command}` at commit {commit}.\n\n" + table(rows))
     plot(rows, args.out / "scale.png")
 
 
