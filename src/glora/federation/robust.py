@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,13 +58,18 @@ def clip_updates(updates: list[ClientUpdate], multiple: float, scalable: frozens
     A median bound needs an honest majority: with two clients, or with outliers making up
     half the round, the median is itself an outlier's norm or beyond it."""
     norms = [update_norm(u.factors) for u in updates]
-    bound = multiple * float(np.median(norms))
+    bound = clip_bound(norms, multiple)
     factor = "B" if "B" in scalable else "A"
     for u, norm in zip(updates, norms, strict=True):
         if norm > bound > 0:
             c = bound / norm
             u.factors = {n: replace(f, **{factor: getattr(f, factor) * c}) for n, f in u.factors.items()}
     return norms
+
+
+def clip_bound(norms: list[float], multiple: float) -> float:
+    """The largest update norm a round keeps: ``multiple`` x the median client norm."""
+    return multiple * float(np.median(norms))
 
 
 @dataclass
@@ -75,6 +81,15 @@ class Settled:
     weights: list[float]
     left_out: dict[int, str] = field(default_factory=dict)
     clipped: dict[int, float] = field(default_factory=dict)  # client -> its norm over the bound
+
+    def notes(self) -> dict[str, dict[str, Any]]:
+        """What the round's metrics row says of the clients left out and clipped (none: {})."""
+        out: dict[str, dict[str, Any]] = {}
+        if self.left_out:
+            out["left_out"] = {str(i): reason for i, reason in sorted(self.left_out.items())}
+        if self.clipped:
+            out["clipped"] = {str(i): ratio for i, ratio in self.clipped.items()}
+        return out
 
 
 def settle_round(
@@ -115,6 +130,6 @@ def settle_round(
     settled = Settled([i for i, _, _ in keep], [u for _, u, _ in keep], [w for _, _, w in keep], left)
     if clip_multiple is not None:
         norms = clip_updates(settled.updates, clip_multiple, scalable)
-        bound = clip_multiple * float(np.median(norms))
+        bound = clip_bound(norms, clip_multiple)
         settled.clipped = {i: n / bound for i, n in zip(settled.clients, norms, strict=True) if n > bound > 0}
     return settled

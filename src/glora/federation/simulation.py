@@ -106,11 +106,7 @@ class Federation:
         record = aggregate_round(
             self.rule, st, t, settled.clients, settled.updates, settled.weights, bytes_down, bytes_up, sampled
         )
-        if settled.left_out:
-            record["left_out"] = {str(i): reason for i, reason in sorted(settled.left_out.items())}
-        if settled.clipped:
-            record["clipped"] = {str(i): ratio for i, ratio in settled.clipped.items()}
-        return record
+        return {**record, **settled.notes()}
 
     def client_updates(
         self, st: ServerState, t: int, bar=None

@@ -20,7 +20,7 @@ import textwrap
 import tomllib
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,29 @@ class FlowerOptions:
     round waits for replies, how long the server waits for the nodes to connect, and whether
     it continues the run folder's last checkpoint."""
 
-    out: str = UNSET
-    # A node's share of a round is at most 339 s in 99.9% of the 7,179 rounds recorded under
-    # results/ (this CPU, MiniLM and SmolLM2, the pooled reference aside): 900 s leaves room
-    # without letting one stalled node hold a round for an hour. Raise it for larger models.
-    round_timeout: float = 900.0
-    node_wait: float = 600.0
-    resume: bool = False
+    out: str = field(
+        default=UNSET,
+        metadata={
+            "help": "The run folder. Default runs/flower-<task>-<rule>-<hash> under the SuperLink's working directory."
+        },
+    )
+    # A node's share of a round (round time over clients) is at most 339 s in 99.9% of the
+    # 7,179 rounds recorded under results/ (this CPU, MiniLM and SmolLM2; the slowest are the
+    # pooled reference's): 900 s leaves room without letting one stalled node hold a round for
+    # an hour. Raise it for larger models.
+    round_timeout: float = field(
+        default=900.0,
+        metadata={"help": "Seconds a round waits for replies (raise it for models slower than MiniLM on a CPU)."},
+    )
+    node_wait: float = field(
+        default=600.0, metadata={"help": "Seconds the server waits for `clients` nodes to connect."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the run in `out` from its last checkpoint (after the SuperLink or the ServerApp died)."
+        },
+    )
 
     def folder(self, cfg: RunConfig) -> Path:
         """The run folder: ``out``, or ``runs/flower-<task>-<rule>-<config hash>`` (relative to
@@ -87,11 +103,11 @@ def from_run_config(run_config: Mapping[str, Any], cls: type[RunConfig] = RunCon
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"run config key 'rule-options': bad value {value!r} ({e})") from None
         values[f.name] = value
-    hints = typing.get_type_hints(cls)
+    declared = typing.get_type_hints(cls)
     for name, value in values.items():
         # flwr parses "fraction=1" as an int; the command line's float option gives 1.0 for the
         # same run, and a run's identity hashes the value: a number is a float where one is declared.
-        if float in (hints[name], *typing.get_args(hints[name])) and type(value) is int:
+        if float in (declared[name], *typing.get_args(declared[name])) and type(value) is int:
             values[name] = float(value)
     try:
         cfg = cls.from_dict(values)
@@ -126,13 +142,8 @@ def to_run_config(cfg: RunConfig, options: FlowerOptions | None = None) -> dict[
 def flower_toml(cfg: RunConfig = EXAMPLE, options: FlowerOptions | None = None) -> str:
     """The ``[tool.flwr.app.config]`` section of ``cfg``, each key with its help: what
     pyproject.toml carries (flwr refuses overrides of keys it does not declare)."""
-    helps = {_key(f.name): f.metadata["help"] for f in dataclasses.fields(cfg)}
-    helps |= {
-        "out": "The run folder. Default runs/flower-<task>-<rule>-<hash> under the SuperLink's working directory.",
-        "round-timeout": "Seconds a round waits for replies (raise it for models slower than MiniLM on a CPU).",
-        "node-wait": "Seconds the server waits for `clients` nodes to connect.",
-        "resume": "Continue the run in `out` from its last checkpoint (after the SuperLink or the ServerApp died).",
-    }
+    fields = [*dataclasses.fields(cfg), *dataclasses.fields(FlowerOptions)]
+    helps = {_key(f.name): f.metadata["help"] for f in fields}
     lines = ["[tool.flwr.app.config]"]
     for key, value in to_run_config(cfg, options).items():
         lines += [f"# {line}" for line in textwrap.wrap(helps[key], 98)] + [f"{key} = {toml_value(value)}"]

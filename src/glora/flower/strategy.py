@@ -228,21 +228,20 @@ class RuleStrategy(Strategy):
             )
         bytes_down = sum(self.bytes_down.values())  # every message sent, answered or not
         bytes_up = sum(good[i][2] for i in settled.clients)
-        record = aggregate_round(
-            self.rule,
-            self.state,
-            server_round,
-            settled.clients,
-            settled.updates,
-            settled.weights,
-            bytes_down,
-            bytes_up,
-            len(self.sent),
+        record = (
+            aggregate_round(
+                self.rule,
+                self.state,
+                server_round,
+                settled.clients,
+                settled.updates,
+                settled.weights,
+                bytes_down,
+                bytes_up,
+                len(self.sent),
+            )
+            | settled.notes()
         )
-        if settled.left_out:
-            record["left_out"] = {str(i): reason for i, reason in sorted(settled.left_out.items())}
-        if settled.clipped:
-            record["clipped"] = {str(i): ratio for i, ratio in settled.clipped.items()}
         self.last_record = record
         metrics = MetricRecord({"train-loss": record["train_loss"], "clients": len(settled.clients)})
         return ArrayRecord(dict(self.state.head)), metrics
