@@ -102,7 +102,7 @@ def check_damage(path: Path, kind: str) -> None:
             except UnicodeDecodeError:
                 raise ValueError(f"--dataset {path}: not UTF-8 text; {DAMAGED}") from None
     if kind in (".json", ".jsonl"):
-        for _ in read_jsonl(path, remedy=DAMAGED):
+        for _ in read_jsonl(path, remedy=DAMAGED):  # read only for the error it raises on a bad line
             pass
 
 

@@ -352,7 +352,7 @@ class RunConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
-        d = {**task_defaults(d.get("task", cls.task), d), **d}
+        d = {**task_defaults(d.get("task", cls.task), d, cls.rounds), **d}
         d = typed_fields(cls, none_words(cls, d))
         for key in ("superni_train_tasks", "superni_test_tasks"):
             if isinstance(d.get(key), list):

@@ -71,14 +71,13 @@ def typed_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def task_defaults(task: str, given: dict[str, Any]) -> dict[str, Any]:
+def task_defaults(task: str, given: dict[str, Any], rounds: int) -> dict[str, Any]:
     """The defaults of ``task``'s family (:attr:`glora.tasks.base.TaskFamily.defaults`) for
-    fields not in ``given``; ``eval_every = "rounds"`` there means at the end only."""
+    fields not in ``given``; ``eval_every = "rounds"`` there means at the end only (of the
+    rounds given, else the family's, else ``rounds``, the dataclass default)."""
     from glora.tasks import task_class
 
     out = dict(task_class(task).defaults)
     if out.get("eval_every") == "rounds":
-        from glora.federation.config import RunConfig  # the module that imports this one
-
-        out["eval_every"] = max(1, int(given.get("rounds", out.get("rounds", RunConfig.rounds))))
+        out["eval_every"] = max(1, int(given.get("rounds", out.get("rounds", rounds))))
     return out

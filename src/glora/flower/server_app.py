@@ -31,30 +31,29 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def keeps_client_state(rule: Rule) -> bool:
-    """Whether a node keeps state of its own between rounds: personal factors, an unshared
-    head, or (a self-pruning rule) a rank it cut."""
-    return rule.prunes or any(p.personal or not p.share_head for p in (rule.client_plan(t) for t in (1, 2)))
+    """Whether a node keeps state of its own between rounds: personal factors or an unshared head."""
+    return any(p.personal or not p.share_head for p in (rule.client_plan(t) for t in (1, 2)))
 
 
 def run_server(grid: Grid, run_config: dict, run_id: int) -> dict:
     """Run the federation over ``grid``; returns the summary written to the run folder."""
     cfg, options = from_run_config(run_config)
-    check_config(cfg)
+    rule = check_config(cfg)
+    if rule.prunes:
+        # A pruned node uploads below its rank, which the app's reply check refuses as a wrong shape.
+        raise ValueError(f"rule {cfg.rule!r} with self-pruning runs in glora run only, not yet in the Flower app")
+    if options.resume and keeps_client_state(rule):
+        # The nodes' own factors and heads live in their context.state, which a new run starts empty.
+        raise ValueError(
+            f"rule {cfg.rule!r} keeps state on the nodes (their own factors or head), which a resumed Flower run "
+            "has lost: run it again from round 1 (another out), or resume it in-process with glora run --resume"
+        )
     found = discover_nodes(grid, cfg.clients, options.node_wait)
     ranks = [rank for _, rank in found.values()]
     if ranks != cfg.client_ranks():
         # Nodes declared their own ranks: the run's config records the ranks it ran with.
         cfg = cfg.replace(ranks=",".join(str(r) for r in ranks))
     folder = options.folder(cfg)
-    if check_config(cfg).prunes:
-        # A pruned node uploads below its rank, which the app's reply check refuses as a wrong shape.
-        raise ValueError(f"rule {cfg.rule!r} with self-pruning runs in glora run only, not yet in the Flower app")
-    if options.resume and keeps_client_state(check_config(cfg)):
-        # The nodes' own factors and heads live in their context.state, which a new run starts empty.
-        raise ValueError(
-            f"rule {cfg.rule!r} keeps state on the nodes (their own factors or head), which a resumed Flower run "
-            "has lost: run it again from round 1 (another out), or resume it in-process with glora run --resume"
-        )
     fed = Federation(cfg, folder, progress=False)
     fed.resume_hint, fed.out_hint = "-c resume=true", "-c out=..."
     with fed.session(resume=options.resume, command=["flwr", "run", f"(run {run_id})"]) as st:
