@@ -4,19 +4,11 @@ simulation engine (Ray), each checked against the in-process simulation."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +27,7 @@ from glora.federation.simulation import Federation
 from glora.flower import client_app
 from glora.flower.client_app import node_identity
 from glora.flower.config import FlowerOptions, from_run_config, run_config_overrides, to_run_config
+from glora.flower.loopback import Processes, free_port, start_superlink, write_connection
 from glora.flower.records import decode_factors, decode_head, encode
 from glora.flower.server_app import run_server
 from glora.flower.strategy import NodeClient, RuleStrategy, discover_nodes
@@ -332,107 +325,6 @@ def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference") / "run"
     Federation(REFERENCE, folder, progress=False).run()
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Processes this test starts, each in its own process group (a SuperLink or SuperNode
-    spawns helper processes, which the group takes down with it)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.started: list[subprocess.Popen] = []
-        venv_bin = str(Path(sys.executable).parent)  # SuperLink/SuperNode spawn flower-superexec by name
-        self.env = {
-            **os.environ,
-            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "GLORA_CACHE_DIR": str(folder / "cache"),
-        }
-
-    def start(self, name: str, args: list[str], flwr_home: str) -> subprocess.Popen:
-        env = {**self.env, "FLWR_HOME": str(self.folder / flwr_home)}
-        with (self.folder / f"{name}.log").open("w") as log:
-            p = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder, start_new_session=True
-            )
-        self.started.append(p)
-        return p
-
-    def flwr(self, *args: str, timeout: float) -> str:
-        """A `flwr` CLI command with this test's CLI home; its output."""
-        env = {**self.env, "FLWR_HOME": str(self.folder / "cli")}
-        out = subprocess.run(
-            ["flwr", *args], env=env, cwd=self.folder, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        return out.stdout + out.stderr
-
-    def stop(self, wait: float = 15.0) -> list[int]:
-        """SIGTERM every live group, SIGKILL what is left after ``wait`` s (bounded: at most
-        2 * wait s); returns the groups still alive."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pgid in self.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, sig)
-            deadline = time.monotonic() + wait
-            while self.alive() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        return self.alive()
-
-    def alive(self) -> list[int]:
-        out = []
-        for p in self.started:
-            p.poll()  # reap the leader
-            try:
-                os.killpg(p.pid, 0)
-                out.append(p.pid)
-            except ProcessLookupError:
-                pass
-        return out
-
-
-def wait_healthy(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"the SuperLink on port {port} did not answer /health within {timeout} s")
-
-
-def start_superlink(procs: Processes, port: int, *options: str) -> None:
-    """A loopback SuperLink on ``port`` (Fleet API), with ``options``; returns once healthy."""
-    procs.start(
-        "superlink",
-        [
-            "flower-superlink",
-            "--insecure",
-            *options,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-        ],
-        "link",
-    )
-    wait_healthy(port, 60)
-
-
-def write_connection(folder: Path, name: str, port: int) -> None:
-    (folder / "cli").mkdir(exist_ok=True)
-    (folder / "cli" / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
 
 
 def run_and_check(

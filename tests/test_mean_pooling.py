@@ -92,3 +92,41 @@ def test_bad_pooling_is_refused_before_training():
     with pytest.raises(ValueError, match="generates text"):
         check_config(RunConfig.for_task("superni", pooling="mean"))
     assert RunConfig(pooling="cls").identity() != RunConfig(pooling="mean").identity()
+
+
+def test_an_export_from_the_runs_own_model_equals_one_from_a_fresh_backbone_and_changes_nothing(tmp_path, minilm):
+    """A run exports through the model it trained (no second backbone in memory): even with
+    merges in its base weights and its own adapters trained, the adapter folder holds the
+    same tensors as an export through a freshly loaded backbone, and afterwards the model's
+    adapters, heads, base weights and active adapter are as they were."""
+    from safetensors.torch import load_file
+
+    settings = LoraSettings()
+    adapted = AdaptedModel(load_classifier("minilm", 2, seed=0, pooling="mean")[0], settings, [2, 4])
+    g = torch.Generator().manual_seed(1)
+    shapes = adapted.layer_shapes()
+    lowrank = {
+        n: torch.randn(d_out, 3, generator=g) @ torch.randn(3, d_in, generator=g) for n, (d_out, d_in) in shapes.items()
+    }
+    updates = {n: 0.05 * d for n, d in lowrank.items()}
+    adapted.add_to_base({n: 0.01 * d for n, d in lowrank.items()})  # a merging rule's base
+    adapted.set_head(4, {k: v - 0.2 for k, v in adapted.get_head(4).items()})
+    adapted.activate(4)
+    before = (adapted.get_factors(2), adapted.get_factors(4), adapted.get_head(2), adapted.get_head(4))
+    base_before = adapted.base_offsets()
+    head = {k: v + 0.1 for k, v in adapted.get_head(2).items()}
+    rank = export_adapter(tmp_path / "own", adapted, updates, head, settings)
+    export_adapter(tmp_path / "fresh", load_classifier("minilm", 2, seed=0, pooling="mean")[0], updates, head, settings)
+    assert rank == 3
+    own, fresh = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("own", "fresh"))
+    assert own.keys() == fresh.keys() and all(torch.equal(own[k], fresh[k]) for k in own)
+    assert (tmp_path / "own" / "adapter_config.json").read_text() == (
+        tmp_path / "fresh" / "adapter_config.json"
+    ).read_text()
+    after = (adapted.get_factors(2), adapted.get_factors(4), adapted.get_head(2), adapted.get_head(4))
+    for b, a in zip(before[:2], after[:2], strict=True):
+        assert all(torch.equal(b[n].B, a[n].B) and torch.equal(b[n].A, a[n].A) for n in b)
+    for b, a in zip(before[2:], after[2:], strict=True):
+        assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
+    assert all(torch.equal(base_before[n], d) for n, d in adapted.base_offsets().items())
+    assert adapted.peft.active_adapter == "r4" and set(adapted.peft.peft_config) == {"r2", "r4"}

@@ -38,7 +38,7 @@ if [ "${RECEIVE:-0}" = 1 ]; then
 fi
 left() { echo $(( $1 - ($(date +%s) - START) )); }
 finish() {
-  tar czf "$OUT/sweeps.tar.gz" --exclude=checkpoint.pt --exclude=adapter --exclude=.locks -C "$(dirname "$R")" "$(basename "$R")"
+  tar czf "$OUT/sweeps.tar.gz" --exclude=checkpoint.pt --exclude=clients --exclude=adapter --exclude=.locks -C "$(dirname "$R")" "$(basename "$R")"
   echo "elapsed $(( $(date +%s) - START )) s"
 }
 

@@ -261,6 +261,28 @@ def export(
     Console().print(f"wrote {folder}")
 
 
+@app.command(name="node-worker")
+def node_worker(
+    socket: Path = typer.Option(..., "--socket", help="The Unix socket to serve (give the same path as worker=)."),
+) -> None:
+    """Keep the backbone loaded on a Flower node: a SuperNode started with
+    `--node-config "... worker='SOCKET'"` hands its train messages to this process instead of
+    loading the model in a fresh process for every message (glora.flower.node_worker)."""
+    from rich.console import Console
+
+    try:
+        from glora.flower.node_worker import serve
+        from glora.flower.training import serve_request
+    except ImportError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}: install the Flower extra (pip install -e '.[flower]')")
+        raise typer.Exit(2) from None
+    try:
+        serve(socket, serve_request, ready=lambda: Console().print(f"node worker serving {socket} (Ctrl-C stops it)"))
+    except (FileExistsError, OSError) as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def replay(
     results_dir: Path = typer.Argument(

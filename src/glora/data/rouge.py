@@ -16,9 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+# The scorer SuperNI builds (the default tokenizer with stemming), given its tokenizer
+# explicitly: built without one, rouge-score logs through absl, whose first message calls
+# logging.basicConfig() and so prints every later log line of the process twice (Flower's).
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:

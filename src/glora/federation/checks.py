@@ -74,6 +74,16 @@ def check_config(cfg: RunConfig) -> Rule:
         raise ValueError(f"--personal-holdout must be in [0, 1), got {cfg.personal_holdout}")
     if cfg.personal_holdout > 0 and not hasattr(family, "evaluate_examples"):
         raise ValueError(f"--personal-holdout needs a task that scores training examples; {cfg.task!r} does not")
+    if cfg.eval_clients is not None and cfg.eval_clients < 1:
+        raise ValueError(
+            f"--eval-clients must be >= 1 (the clients whose own models an evaluation scores; leave it unset to "
+            f"score every client's at the last round only), got {cfg.eval_clients}"
+        )
+    if cfg.eval_clients is not None and not rule.reports_personal:
+        raise ValueError(
+            f"--eval-clients samples the clients' own models, and rule {cfg.rule!r} keeps none (its clients hold "
+            "the global model): leave it unset"
+        )
     dirichlet_scheme(cfg.partition_scheme)
     if cfg.on_client_error not in ("skip", "abort"):
         raise ValueError(f"--on-client-error must be 'skip' or 'abort', got {cfg.on_client_error!r}")

@@ -48,6 +48,7 @@ _ADDED_FIELDS: dict[str, Any] = {
     "max_grad_norm": None,
     "clip_update_norm": None,
     "partition_scheme": "resample",
+    "eval_clients": None,
 }
 
 
@@ -280,6 +281,13 @@ class RunConfig:
         "Share of each client's own data held out and never trained on; at the end each client's own model "
         "(personalised rules) and the global model are scored on it too; 0: none.",
         EVALUATION,
+    )
+    eval_clients: int | None = option(
+        None,
+        "Personalised rules: score a seeded sample of N clients' own models at every evaluation (which ones: "
+        "eval_personal_clients in metrics.jsonl); the last round scores every client's.",
+        EVALUATION,
+        default_text="none: every client's own model, at the last round only",
     )
 
     # -- SuperNI (glora.tasks.superni.SUPERNI_DEFAULTS sets the shared fields above) ------------

@@ -9,7 +9,7 @@ Nothing here loads data or models or writes files: a driver does that around the
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +42,18 @@ class ClientState:
 
 @dataclass
 class ServerState:
-    """Everything the loop carries from one round to the next (and checkpoints)."""
+    """Everything the loop carries from one round to the next (and checkpoints).
+
+    ``personal``: each client's own state (:class:`ClientState`) by client index. A driver
+    with a run folder holds it in a :class:`~glora.federation.client_store.ClientStore` (a
+    file a client, loaded when read), which checkpoints name instead of copying; a plain dict
+    keeps every state in memory."""
 
     round: int = 0
     layers: dict[str, LayerState] | None = None
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     base_offsets: dict[str, torch.Tensor] | None = None
-    personal: dict[int, ClientState] = field(default_factory=dict)
+    personal: MutableMapping[int, ClientState] = field(default_factory=dict)
     elapsed: float = 0.0
     # What the state merged into the base weights at the end of the last round (layer -> the
     # rule's merge), computed once: the base takes it, and the next round's download counts it.

@@ -94,12 +94,24 @@ class Evaluation:
                 out["eval_heldout_personal"] = _mean_scores(own_scores)
         return out
 
-    def personal(self, st: ServerState) -> dict[str, float]:
-        """Mean over clients of each client's own model (its last trained factors and head)."""
+    def personal_clients(self, st: ServerState, server_round: int) -> list[int]:
+        """The clients whose own models an evaluation after ``server_round`` scores: every
+        client that holds one at the last round or without ``--eval-clients``, else a sample
+        of that many, seeded by the run's seed and the round (sorted client indices)."""
+        holders = sorted(st.personal)  # a client never sampled has no model
+        n = self.cfg.eval_clients
+        if n is None or server_round == self.cfg.rounds or n >= len(holders):
+            return holders
+        rng = np.random.default_rng([self.cfg.seed, server_round, 29])
+        return sorted(int(holders[k]) for k in rng.choice(len(holders), size=n, replace=False))
+
+    def personal(self, st: ServerState, clients: list[int] | None = None) -> dict[str, float]:
+        """Mean over ``clients`` (default: all that hold one) of each client's own model (its
+        last trained factors and head). One client's state is loaded at a time."""
         per_client = []
         merged = _merged_deltas(st)
-        for _, own in sorted(st.personal.items()):
-            with self.own_model(own, merged) as m:
+        for i in sorted(st.personal) if clients is None else clients:
+            with self.own_model(st.personal[i], merged) as m:
                 per_client.append(self.task.evaluate(m))
         return _mean_scores(per_client)
 

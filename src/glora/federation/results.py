@@ -5,6 +5,7 @@ never writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,9 @@ import glora
 from glora.federation.config import RunConfig
 from glora.files import atomic_torch_save, atomic_write
 from glora.tracking import IDS_FILE
+
+if TYPE_CHECKING:
+    from glora.federation.client_store import ClientStore
 
 CONFIG, META, METRICS, CHECKPOINT, SUMMARY, ADAPTER, UPDATES = (
     "config.json",
@@ -34,6 +38,8 @@ CONFIG, META, METRICS, CHECKPOINT, SUMMARY, ADAPTER, UPDATES = (
     "adapter",
     "updates",  # --record-updates: one file a round, updates/round-NNN.pt
 )
+# The checkpoint's key naming each client's state file in clients/ (glora.federation.client_store).
+CLIENT_FILES = "client_files"
 
 
 def git_commit() -> str:
@@ -195,7 +201,27 @@ class RunStore:
         atomic_write(self.path(METRICS), "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``{"state": ServerState, ...}`` atomically. Where the state keeps the clients'
+        own states in a :class:`~glora.federation.client_store.ClientStore`, the pending ones
+        are written to their files first and the checkpoint names each client's file
+        (``CLIENT_FILES``: client -> the round of its file) instead of copying the tensors;
+        the files it no longer names are deleted after it is written."""
+        from glora.federation.client_store import ClientStore
+
+        st = state.get("state")
+        clients = getattr(st, "personal", None)
+        if isinstance(clients, ClientStore):
+            clients.flush(st.round)
+            state = {**state, "state": dataclasses.replace(st, personal={}), CLIENT_FILES: clients.reference()}
         atomic_torch_save(self.path(CHECKPOINT), state)
+        if isinstance(clients, ClientStore):
+            clients.prune()
+
+    def client_store(self, versions: dict[int, int] | None = None, pending: dict | None = None) -> ClientStore:
+        """The run's :class:`~glora.federation.client_store.ClientStore` (``clients/``)."""
+        from glora.federation.client_store import CLIENTS, ClientStore
+
+        return ClientStore(self.path(CLIENTS), versions, pending)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path(CHECKPOINT)
@@ -211,7 +237,10 @@ class RunStore:
         from glora.federation.engine import ClientState  # checkpoints hold the engine's records
 
         st = ckpt["state"]
-        st.personal = {i: ClientState.of(own) for i, own in st.personal.items()}  # older versions kept dicts
+        # Checkpoints of older versions held the clients' states inline (as dicts before
+        # ClientState): they stay in memory until the next checkpoint writes them to files.
+        inline = {i: ClientState.of(own) for i, own in st.personal.items()}
+        st.personal = self.client_store(ckpt.get(CLIENT_FILES, {}), inline)
         return ckpt
 
     def save_updates(self, server_round: int, record: dict[str, Any]) -> None:

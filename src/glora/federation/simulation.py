@@ -187,7 +187,8 @@ class Federation:
                 "options or choose another --out"
             )
         self._setup()
-        st = ServerState(head=self.model.get_head(self.ranks[0]))
+        # The clients' own states live in files of the run folder (clients/), not in memory.
+        st = ServerState(head=self.model.get_head(self.ranks[0]), personal=store.client_store())
         ckpt = store.load_checkpoint() if resume else None
         if store.torn_metrics_line():
             self.console.print(
@@ -208,6 +209,7 @@ class Federation:
             store.start(cfg.to_dict(), cfg.identity(), command=command, device=device_kind(cfg.device))
             store.truncate_metrics(0)
             store.truncate_updates(0)
+        st.personal.prune()  # client files no checkpoint names: a cut round's, an earlier start's
         self.started = time.perf_counter() - st.elapsed
         return st
 
@@ -218,8 +220,13 @@ class Federation:
         cfg = self.cfg
         if t % cfg.eval_every == 0 or t == cfg.rounds:
             record.update(self.evaluation.after_round(st, self._bar))
-            if self.rule.reports_personal and t == cfg.rounds:
-                record["eval_personal"] = self.evaluation.personal(st)
+            if self.rule.reports_personal and (t == cfg.rounds or cfg.eval_clients is not None):
+                # Every client's own model at the end; before, a seeded sample (--eval-clients).
+                clients = self.evaluation.personal_clients(st, t)
+                if clients:
+                    record["eval_personal"] = self.evaluation.personal(st, clients)
+                    if cfg.eval_clients is not None:
+                        record["eval_personal_clients"] = clients
             if cfg.personal_holdout > 0 and t == cfg.rounds:
                 record.update(self.evaluation.held_out(st))
         if t == cfg.rounds:
@@ -330,9 +337,8 @@ class Federation:
         for n, shape in self.model.layer_shapes().items():
             d = st.layers[n].delta().float() if st.layers else torch.zeros(shape)  # no layers: no round ran
             totals[n] = d if st.base_offsets is None else d + st.base_offsets[n]
-        export_adapter(
-            self.store.path(ADAPTER), self.task.fresh_model(), totals, st.head, self.task.lora, self.task.export_info
-        )
+        # The run's own model serves the export: the backbone is not loaded a second time.
+        export_adapter(self.store.path(ADAPTER), self.model, totals, st.head, self.task.lora, self.task.export_info)
 
     def _summary(self, st: ServerState) -> dict[str, Any]:
         rows = self.store.metrics()

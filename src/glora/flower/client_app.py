@@ -6,18 +6,25 @@ simulation engine, which sets the first two): ``partition-id`` (which client it 
 (default: the run config's rank list, assigned by partition id). Every node reads the same
 data and computes the same seeded partition, then trains on its own part with the
 in-process simulation's client step (see :mod:`glora.flower.training`).
+
+A node may also declare ``worker`` (the socket of a ``glora node-worker`` on that machine):
+its train messages then go to that long-lived process, which keeps the backbone loaded,
+instead of loading it in this message's process (see :mod:`glora.flower.node_worker`).
+
+This module imports only flwr at load time: in deployment every message runs in a fresh
+process, and neither a query nor a forwarded train message needs torch or the model code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from glora.federation.config import RunConfig
-from glora.flower.config import from_run_config
+if TYPE_CHECKING:
+    from glora.federation.config import RunConfig
 
 app = ClientApp()
 
@@ -33,6 +40,8 @@ class Node:
 
 def node_identity(run_config: dict[str, Any], node_config: dict[str, Any]) -> Node:
     """The node's partition and rank from its node config (ValueError saying what to set)."""
+    from glora.flower.config import from_run_config
+
     cfg, _ = from_run_config(run_config)
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError(
@@ -64,11 +73,20 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round: train this node's partition from the server's readout; reply with the
-    trained factors, head, example count and mean loss."""
-    node = node_identity(context.run_config, context.node_config)
-    # Imported here: in deployment every message runs in a fresh process, and the query
-    # message needs none of the model code (transformers and peft take seconds to import).
-    from glora.flower.training import train_round
+    """One round: train this node's partition from the server's readout (here, or in the
+    node's worker); reply with the trained factors, head, example count and mean loss."""
+    worker = context.node_config.get("worker")
+    if worker:
+        from glora.flower.node_worker import forward, pack, unpack
 
-    return train_round(msg, context.state, node.cfg, node.partition)
+        request = (dict(context.run_config), dict(context.node_config), pack(msg.content), pack(context.state))
+        content, state = forward(str(worker), request)
+        for k in list(context.state.keys()):
+            del context.state[k]
+        for k, v in unpack(state).items():
+            context.state[k] = v
+        return Message(unpack(content), reply_to=msg)
+    node = node_identity(context.run_config, context.node_config)
+    from glora.flower.training import train_reply
+
+    return Message(train_reply(msg.content, context.state, node.cfg, node.partition), reply_to=msg)

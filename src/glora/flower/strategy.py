@@ -117,6 +117,9 @@ class RuleStrategy(Strategy):
         self.sent_to: dict[int, NodeClient] = {}  # id(message) -> node, until message ids exist
         self.bytes_down: dict[int, int] = {}
         self.readouts: dict[int, dict[str, LowRank]] = {}
+        # The last round whose update of each client went into the state (its own factors and
+        # head among it): a node keeps what it trained in a round only if that round is named.
+        self.kept: dict[int, int] = {}
         self.round_started = 0.0
         #: The metrics row of the last round, or None when every reply was bad.
         self.last_record: dict[str, Any] | None = None
@@ -136,7 +139,14 @@ class RuleStrategy(Strategy):
         for i in sample_clients(len(self.nodes), server_round, self.fraction, self.seed):
             node = self.nodes[i]
             factors = readout(st, self.init, node.rank, self.scale(node.rank))
-            cfg = ConfigRecord({**dict(config), "server-round": server_round, "client": node.client})
+            cfg = ConfigRecord(
+                {
+                    **dict(config),
+                    "server-round": server_round,
+                    "client": node.client,
+                    "kept-round": self.kept.get(node.client, 0),
+                }
+            )
             arrays = encode(factors, st.head, st.base_offsets)
             content = RecordDict({"arrays": arrays, "config": cfg})
             msg = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
@@ -220,6 +230,9 @@ class RuleStrategy(Strategy):
             self.clip_update_norm,
             self.rule.client_plan(server_round).train & self.rule.client_plan(server_round).send,
         )
+        for client, update in zip(settled.clients, settled.updates, strict=True):
+            if update.own is not None:
+                self.kept[client] = server_round
         if self.on_updates is not None:  # what the rule aggregates (after screening and clipping)
             self.on_updates(server_round, settled.clients, settled.updates, settled.weights)
         for client, reason in sorted(settled.left_out.items()):

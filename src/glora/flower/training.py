@@ -3,14 +3,21 @@ train its partition from the server's readout with the in-process simulation's c
 (:func:`~glora.federation.client.train_client`), and reply.
 
 Rules that keep factors or the head on the client (FedSA-LoRA, the local reference) keep
-them in the node's ``context.state``, which Flower carries from round to round.
+them in the node's ``context.state``, which Flower carries from round to round. A node keeps
+what it trained in a round only once the server has accepted that round's update: it holds
+it as pending, and the next train message says (``kept-round``) the last round whose update
+of this client the server took into its state, as the in-process driver keeps a client's own
+state only from the rounds that aggregated it. A rejected update is dropped on both sides.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from glora.aggregation import Rule, get_rule
 from glora.federation.client import adapted_model, train_client
@@ -21,33 +28,54 @@ from glora.models.lora import AdaptedModel
 from glora.tasks import FederatedTask, build_task
 
 OWN = "glora-own"  # the key of the client's own factors and head in context.state
+log = logging.getLogger("flwr.glora")  # a child of Flower's logger: in the node's log, the worker's too
+PENDING, PENDING_ROUND = "glora-own-pending", "glora-own-pending-round"  # trained, not yet accepted
 
 # Loaded tasks and models, by run config and rank. Flower's simulation engine reuses its
-# worker processes across messages, so a node's second round skips loading; the deployment
-# engine starts a fresh process per message and loads every time.
+# worker processes across messages, and so does a node worker (glora.flower.node_worker), so
+# a node's second round skips loading; the deployment engine's own ClientApp process serves
+# one message and loads every time. A long-lived process keeps the latest few only.
 _LOADED: dict[tuple[str, int], tuple[FederatedTask, AdaptedModel, list[np.ndarray]]] = {}
+_KEEP = 2
 
 
 def load(cfg: RunConfig, rule: Rule, rank: int) -> tuple[FederatedTask, AdaptedModel, list[np.ndarray]]:
     """The task, a model with a rank-``rank`` adapter, and every client's examples."""
     key = (cfg.identity(), rank)
     if key not in _LOADED:
+        t0 = time.perf_counter()
         torch.set_num_threads(cfg.threads)
         task = build_task(cfg)
         parts, _ = client_layout(cfg, task, rule)
         _LOADED[key] = (task, adapted_model(task, cfg, [rank]), parts)
+        log.info("loaded the task and a rank-%d model of %s in %.1f s", rank, cfg.backbone, time.perf_counter() - t0)
+    _LOADED[key] = _LOADED.pop(key)  # most recently used last
+    while len(_LOADED) > _KEEP:
+        _LOADED.pop(next(iter(_LOADED)))
     return _LOADED[key]
 
 
-def train_round(msg: Message, state: RecordDict, cfg: RunConfig, partition: int) -> Message:
-    """The reply to one train message for the node of ``partition`` (``state``: the node's
-    context.state)."""
+def _commit_own(state: RecordDict, kept_round: int) -> None:
+    """Make the pending own state the node's own if the server accepted that round's update;
+    drop it otherwise."""
+    if PENDING not in state:
+        return
+    if int(state[PENDING_ROUND]["round"]) == kept_round:
+        state[OWN] = state[PENDING]
+    del state[PENDING]
+    del state[PENDING_ROUND]
+
+
+def train_reply(content: RecordDict, state: RecordDict, cfg: RunConfig, partition: int) -> RecordDict:
+    """The content of the reply to one train message (its ``content``) for the node of
+    ``partition`` (``state``: the node's context.state, updated in place)."""
     rule = get_rule(cfg.rule, **cfg.rule_options)
-    conf = msg.content["config"]
+    conf = content["config"]
     server_round, client = int(conf["server-round"]), int(conf["client"])
     if not rule.pooled and client != partition:
         raise ValueError(f"the server sent the round of client {client} to the node of partition {partition}")
-    arrays = msg.content["arrays"]
+    _commit_own(state, int(conf.get("kept-round", 0)))
+    arrays = content["arrays"]
     rank = next(arrays[k].numpy().shape[1] for k in arrays if k.startswith("B."))
     task, model, parts = load(cfg, rule, rank)
     scale = model.settings.scale(rank)
@@ -68,6 +96,23 @@ def train_round(msg: Message, state: RecordDict, cfg: RunConfig, partition: int)
         own,
     )
     if update.own is not None:
-        state[OWN] = encode(update.own.factors, update.own.head)
+        state[PENDING] = encode(update.own.factors, update.own.head)
+        state[PENDING_ROUND] = ConfigRecord({"round": server_round})
     metrics = MetricRecord({"num-examples": len(parts[client]), "train-loss": update.loss})
-    return Message(RecordDict({"arrays": encode(update.factors, update.head), "metrics": metrics}), reply_to=msg)
+    return RecordDict({"arrays": encode(update.factors, update.head), "metrics": metrics})
+
+
+def serve_request(request: tuple) -> tuple[dict, dict]:
+    """A node worker's answer to a forwarded train message (see
+    :mod:`glora.flower.node_worker`): the reply's content and the node's new state, packed."""
+    from glora.flower.client_app import node_identity
+    from glora.flower.node_worker import pack, unpack
+
+    t0 = time.perf_counter()
+    run_config, node_config, packed, packed_state = request
+    node = node_identity(run_config, node_config)
+    content, state = unpack(packed), unpack(packed_state)
+    reply = train_reply(content, state, node.cfg, node.partition)
+    conf = content["config"]
+    log.info("round %s, client %s: answered in %.1f s", conf["server-round"], conf["client"], time.perf_counter() - t0)
+    return pack(reply), pack(state)

@@ -73,6 +73,9 @@ def adapter_name(rank: int) -> str:
     return f"r{rank}"
 
 
+EXPORT_ADAPTER = "export"  # the adapter AdaptedModel.save_adapter adds for a save
+
+
 class AdaptedModel:
     """A backbone with LoRA adapters of several ranks on the same frozen base weights."""
 
@@ -143,11 +146,13 @@ class AdaptedModel:
                 m.lora_A[a].weight.copy_(f.A)
 
     # -- head ----------------------------------------------------------------------------------
-    def _head_modules(self, rank: int) -> dict[str, nn.Module]:
+    def _head_modules(self, rank: int | str) -> dict[str, nn.Module]:
+        """The head's modules of the adapter of ``rank`` (or of that adapter name)."""
+        a = rank if isinstance(rank, str) else adapter_name(rank)
         out = {}
         for name, m in self.peft.named_modules():
             if type(m).__name__ == "ModulesToSaveWrapper":
-                out[_short(name)] = m.modules_to_save[adapter_name(rank)]
+                out[_short(name)] = m.modules_to_save[a]
         return out
 
     def get_head(self, rank: int) -> dict[str, Tensor]:
@@ -160,6 +165,43 @@ class AdaptedModel:
             with torch.no_grad():
                 for pn, p in mod.named_parameters():
                     p.copy_(head[f"{mn}.{pn}"])
+
+    # -- export --------------------------------------------------------------------------------
+    def save_adapter(
+        self,
+        folder: Path,
+        config: LoraConfig,
+        factors: Mapping[str, LowRank],
+        head: Mapping[str, Tensor],
+        info: ExportInfo | None = None,
+    ) -> None:
+        """Save ``factors`` and ``head`` as one peft adapter folder of ``config`` (its rank):
+        an adapter added beside this model's own for the save and deleted after, so that the
+        backbone in memory serves the export (an 8B model is not loaded twice). The model's
+        adapters, heads and active adapter are as they were."""
+        active = self.peft.active_adapter
+        name = EXPORT_ADAPTER
+        self.peft.add_adapter(name, config)
+        try:
+            layers = {_short(n): m for n, m in self.peft.named_modules() if isinstance(m, LoraLayer)}
+            with torch.no_grad():
+                for n, m in layers.items():
+                    m.lora_B[name].weight.copy_(factors[n].B)
+                    m.lora_A[name].weight.copy_(factors[n].A)
+                for mn, mod in self._head_modules(name).items():
+                    for pn, p in mod.named_parameters():
+                        p.copy_(head[f"{mn}.{pn}"])
+            Path(folder).parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=Path(folder).parent, ignore_cleanup_errors=True) as tmp:
+                self.peft.save_pretrained(tmp, selected_adapters=[name])
+                saved = Path(tmp) / name  # peft writes a non-default adapter into a subfolder named after it
+                if info is not None:
+                    describe_adapter(saved, self.peft.get_base_model(), layers, info)
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(saved, folder)
+        finally:
+            self.peft.delete_adapter(name)
+            self.peft.set_adapter(active)
 
     # -- training and evaluation ---------------------------------------------------------------
     def activate(self, rank: int, train: frozenset[str] = frozenset({"A", "B"})) -> list[nn.Parameter]:
@@ -272,23 +314,25 @@ def _short(name: str) -> str:
 
 def export_adapter(
     folder: Path,
-    model: nn.Module,
+    model: nn.Module | AdaptedModel,
     updates: Mapping[str, Tensor],
     head: Mapping[str, Tensor],
     settings: LoraSettings,
     info: ExportInfo | None = None,
 ) -> int:
-    """Save a total update per layer (dense, relative to the pretrained weights of the fresh
-    ``model``) and the head as one peft adapter folder that ``PeftModel.from_pretrained``
-    loads; with ``info``, one that peft and transformers load without glora
-    (:mod:`glora.models.export`: hub id of the base, task type, labels, the head's
-    code). Its rank is the largest numerical rank of the updates, so the adapter reproduces
-    them up to float32 round-off. Returns that rank. A layer narrower than that rank (a
-    grouped-query v_proj beside a full-width q_proj) gets zero columns of B and rows of A
-    beyond its width, which add nothing to its update."""
+    """Save a total update per layer (dense, relative to the pretrained weights) and the head
+    as one peft adapter folder that ``PeftModel.from_pretrained`` loads; with ``info``, one
+    that peft and transformers load without glora (:mod:`glora.models.export`: hub id of the
+    base, task type, labels, the head's code). Its rank is the largest numerical rank of the
+    updates, so the adapter reproduces them up to float32 round-off. Returns that rank. A
+    layer narrower than that rank (a grouped-query v_proj beside a full-width q_proj) gets
+    zero columns of B and rows of A beyond its width, which add nothing to its update.
+
+    ``model``: the pretrained backbone, or an AdaptedModel that already holds it (a run's own
+    model: no second copy of the backbone is loaded, whatever its base weights hold now; the
+    export's adapter goes beside the model's own for the save and is removed after)."""
     svds = {n: torch.linalg.svd(d.double(), full_matrices=False) for n, d in updates.items()}
     rank = max(1, max(numerical_rank(S, 1e-7) for _, S, _ in svds.values()))
-    adapted = AdaptedModel(model, settings, [rank])
     scale = settings.scale(rank)
     factors = {}
     for n, (U, S, Vh) in svds.items():
@@ -297,16 +341,6 @@ def export_adapter(
         B = torch.nn.functional.pad(U[:, :rank] * root, (0, pad))
         A = torch.nn.functional.pad(root[:, None] * Vh[:rank], (0, 0, 0, pad))
         factors[n] = LowRank(B.float(), A.float(), scale)
-    adapted.set_factors(rank, factors)
-    adapted.set_head(rank, head)
-    Path(folder).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=Path(folder).parent, ignore_cleanup_errors=True) as tmp:
-        adapted.peft.save_pretrained(tmp, selected_adapters=[adapter_name(rank)])
-        # peft writes a non-default adapter into a subfolder named after it.
-        saved = Path(tmp) / adapter_name(rank)
-        saved = saved if saved.is_dir() else Path(tmp)
-        if info is not None:
-            describe_adapter(saved, model, adapted.layers, info)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(saved, folder)
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model, settings, [rank])
+    adapted.save_adapter(folder, settings.config(rank), factors, head, info)
     return rank

@@ -1,0 +1,141 @@
+"""The node worker (a long-lived process that keeps the backbone loaded for a Flower node)
+and what a node keeps of its own state: only what the server accepted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Client
+
+import pytest
+
+pytest.importorskip("flwr", reason="the Flower app needs the optional extra: pip install -e '.[flower]'")
+
+from flwr.app import ConfigRecord, RecordDict
+
+import glora.flower.training as training
+from glora.federation.simulation import Federation
+from glora.flower.config import FlowerOptions, to_run_config
+from glora.flower.node_worker import forward, key_file, serve
+from glora.flower.records import encode
+from glora.flower.server_app import run_server
+from glora.flower.training import OWN, PENDING, PENDING_ROUND
+from tests.test_flower import REFERENCE, LoopbackGrid, assert_same_run
+
+
+def serving(socket, handle, requests):
+    """A worker thread serving ``requests`` requests on ``socket``; returns once it listens."""
+    ready = threading.Event()
+    t = threading.Thread(target=serve, args=(socket, handle, ready.set, requests), daemon=True)
+    t.start()
+    assert ready.wait(10)
+    return t
+
+
+def test_a_forwarded_request_gets_the_handlers_answer_and_errors_come_back_as_errors(tmp_path):
+    def handle(request):
+        if request == "boom":
+            raise ValueError("bad request")
+        return (request * 2,)
+
+    sock = tmp_path / "w.sock"
+    t = serving(sock, handle, 3)
+    assert oct(key_file(sock).stat().st_mode & 0o777) == "0o600"  # readable by the node's user alone
+    assert forward(sock, (21,)) == ((21, 21),)
+    with pytest.raises(RuntimeError, match="node worker: ValueError: bad request"):
+        forward(sock, "boom")
+    # A process without the key is refused, and the worker goes on serving the node.
+    with pytest.raises(Exception, match="digest"):
+        Client(str(sock), family="AF_UNIX", authkey=b"not the key")
+    assert forward(sock, (1,)) == ((1, 1),)
+    t.join(10)
+    assert not t.is_alive() and not sock.exists() and not key_file(sock).exists()
+
+
+def test_without_a_worker_the_error_names_the_socket_and_the_command(tmp_path):
+    with pytest.raises(ConnectionError, match=r"no node worker answers on .*w\.sock.*glora node-worker --socket"):
+        forward(tmp_path / "w.sock", ("x",))
+
+
+def test_a_second_worker_on_a_served_socket_is_refused(tmp_path):
+    sock = tmp_path / "w.sock"
+    t = serving(sock, lambda r: (r,), 1)
+    with pytest.raises(FileExistsError, match="another node worker may be serving it"):
+        serve(sock, lambda r: (r,))
+    forward(sock, (0,))
+    t.join(10)
+
+
+def test_a_node_keeps_its_own_state_of_a_round_only_if_the_server_kept_that_rounds_update():
+    trained = encode(head={"w": __import__("torch").ones(2)})
+    for kept, keeps in ((3, True), (2, False), (0, False)):
+        state = RecordDict({PENDING: trained, PENDING_ROUND: ConfigRecord({"round": 3})})
+        training._commit_own(state, kept)
+        assert (OWN in state) == keeps and PENDING not in state and PENDING_ROUND not in state
+
+
+@pytest.mark.slow
+def test_a_node_whose_update_the_server_rejected_trains_on_without_it(tmp_path, task_identity, monkeypatch):
+    # FedSA-LoRA keeps B and the head on the node. The server rejects node 11's round-1 reply
+    # (its example count is off): the in-process driver would not keep that client's round-1
+    # state, so in round 2 the node must start from the readout alone, not from what it kept.
+    cfg = REFERENCE.replace(rule="fedsa-lora", ranks="4", rounds=3, local_steps=1, eval_every=3)
+    run_config = to_run_config(cfg, FlowerOptions(str(tmp_path / "flower")))
+    seen: list[tuple[int, int, bool]] = []
+    real = training.train_client
+
+    def spy(model, task, cfg, rule, server_round, client, examples, factors, head, own):
+        seen.append((server_round, client, own is not None))
+        return real(model, task, cfg, rule, server_round, client, examples, factors, head, own)
+
+    monkeypatch.setattr(training, "train_client", spy)
+
+    class Rejecting(LoopbackGrid):
+        def answer(self, msg):
+            reply = super().answer(msg)
+            if msg.metadata.dst_node_id == 11 and msg.content["config"].get("server-round") == 1:
+                reply.content["metrics"]["num-examples"] += 1
+            return reply
+
+    nodes = {11: {"partition-id": 0, "num-partitions": 2}, 7: {"partition-id": 1, "num-partitions": 2}}
+    run_server(Rejecting(run_config, nodes), run_config, run_id=1)
+    own = {(r, c): has for r, c, has in seen}
+    assert own == {(1, 0): False, (1, 1): False, (2, 0): False, (2, 1): True, (3, 0): True, (3, 1): True}
+
+
+@pytest.mark.slow
+def test_nodes_with_a_worker_run_like_the_in_process_run_and_load_the_model_once_per_rank(tmp_path, task_identity):
+    Federation(REFERENCE, tmp_path / "reference", progress=False).run()
+    sock = tmp_path / "worker.sock"
+    env = {**os.environ, "GLORA_CACHE_DIR": os.environ.get("GLORA_CACHE_DIR", str(tmp_path / "cache"))}
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "glora.cli", "node-worker", "--socket", str(sock)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not key_file(sock).exists():
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.2)
+        run_config = to_run_config(REFERENCE, FlowerOptions(str(tmp_path / "flower")))
+        worker_at = {"worker": str(sock)}
+        nodes = {
+            11: {"partition-id": 0, "num-partitions": 2, **worker_at},
+            7: {"partition-id": 1, "num-partitions": 2, **worker_at},
+        }
+        run_server(LoopbackGrid(run_config, nodes), run_config, run_id=1)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert_same_run(tmp_path / "flower", tmp_path / "reference")
+    out = (tmp_path / "worker.log").read_text()
+    # 2 rounds x 2 nodes of ranks 2 and 4 answered by one process that loaded each rank once.
+    assert out.count("answered in") == 4, out
+    assert out.count("loaded the task and a rank-") == 2, out
+    assert not sock.exists()  # SIGTERM: the worker removed its socket and key
