@@ -6,6 +6,7 @@ inflate its weight with a false example count."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -156,6 +157,32 @@ def test_a_node_reporting_a_false_example_count_is_left_out(task_identity, caplo
         strategy.start(grid, ArrayRecord(initial_head()), num_rounds=1)
     assert "left out client 2 (node 102): example count 1000000000 differs from its partition's 20" in caplog.text
     assert strategy.last_record["clients"] == [0, 1]
+
+
+def test_a_node_sending_a_1000x_update_cannot_move_the_global_model_beyond_the_clipping_bound(task_identity):
+    """With --clip-update-norm c every update the round keeps has norm <= c x the median
+    client norm, so the global update (a weighted mean of them, exact at GLoRA's default
+    rank) cannot be longer than that bound, whatever one node sends; unclipped, a node that
+    sends 1,000x its update drags the global update far beyond it."""
+    from flwr.app import ArrayRecord
+
+    from glora.federation.robust import clip_bound
+    from tests.test_flower import FakeGrid, initial_head, make_strategy
+
+    def global_norm(clip):
+        strategy = make_strategy("glora", [2, 2, 4, 4, 4], sizes=[30] * 5, clip_update_norm=clip)
+        ids = [n.node_id for n in strategy.nodes]
+        grid = FakeGrid(ids, dict.fromkeys(ids, 30), faults={(1, ids[4]): "x1000"})
+        strategy.start(grid, ArrayRecord(initial_head()), num_rounds=1)
+        sent = [grid.trained[(1, i)][0] for i in ids[:4]]
+        norms = [update_norm(f) for f in sent] + [1000 * update_norm(grid.trained[(1, ids[4])][0])]
+        delta = {n: s.delta() for n, s in strategy.state.layers.items()}
+        return math.sqrt(sum(float(d.double().norm()) ** 2 for d in delta.values())), clip_bound(norms, 2.0)
+
+    clipped, bound = global_norm(2.0)
+    assert clipped <= bound * (1 + 1e-5)
+    unclipped, _ = global_norm(None)
+    assert unclipped > 50 * bound
 
 
 def test_a_restarted_node_with_a_new_id_takes_its_partition_back(task_identity, caplog):

@@ -59,8 +59,8 @@ class FakeGrid(Grid):
     """Nodes answering in-process: each node "trains" by adding seeded noise to what it
     received (a real node's replies, without the backbone), or misbehaves as told.
 
-    ``faults[(round, node_id)]``: "nan", "shape", "thaw" (changes a frozen factor),
-    "no-count", "error" or "silent".
+    ``faults[(round, node_id)]``: "nan", "shape", "thaw" (changes a frozen factor), "x1000"
+    (sends 1,000 times its update), "no-count", "error" or "silent".
     """
 
     def __init__(self, node_ids, examples, faults=None, rule="glora"):
@@ -131,6 +131,8 @@ class FakeGrid(Grid):
         if fault == "shape":
             f = sent["layer.0.query"]
             sent["layer.0.query"] = LowRank(f.B[:, :1], f.A[:1], 2.0)
+        if fault == "x1000":  # finite garbage: every layer's update 1,000 times what it trained
+            sent = {n: LowRank(1000 * f.B, f.A, f.scale) for n, f in sent.items()}
         metrics = (
             {"train-loss": 0.5} if fault == "no-count" else {"num-examples": self.examples[node], "train-loss": 0.5}
         )
