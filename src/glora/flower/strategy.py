@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -302,7 +303,11 @@ class RuleStrategy(Strategy):
         return None
 
     def summary(self) -> None:
-        ranks = ", ".join(f"client {n.client} (node {n.node_id}): rank {n.rank}" for n in self.nodes)
+        if len(self.nodes) <= 10:
+            ranks = ", ".join(f"client {n.client} (node {n.node_id}): rank {n.rank}" for n in self.nodes)
+        else:  # hundreds of virtual nodes: the count at each rank, not a line of 12,000 characters
+            counts = Counter(n.rank for n in self.nodes)
+            ranks = ", ".join(f"rank {r}: {c} clients" for r, c in sorted(counts.items()))
         log.info("glora rule %r over %d nodes: %s", self.rule_name, len(self.nodes), ranks)
 
 
@@ -324,18 +329,35 @@ def discover_nodes(grid: Grid, expected: int, timeout: float, poll: float = 1.0)
     found, reasons, replied = query_nodes(grid, ids, timeout)
     missing = sorted(set(range(expected)) - set(found))
     if missing:
+        # Nodes that fail alike (a num-partitions that is not the run's clients) share one
+        # reason: each reason once, with the nodes that gave it, not a 35,000-character error at 200 nodes.
+        by_reason: dict[str, list[int]] = {}
+        for node, reason in reasons:
+            by_reason.setdefault(reason, []).append(node)
+        grouped = "; ".join(
+            f"node {nodes[0]}: {reason}" if len(nodes) == 1 else f"nodes {few(nodes)}: {reason}"
+            for reason, nodes in by_reason.items()
+        )
         raise ValueError(
-            f"no node answered for partitions {missing} of {expected} ({replied} of {len(ids)} nodes replied"
-            + (f"; {'; '.join(reasons)}" if reasons else "")
+            f"no node answered for partitions {few(missing, 20)} of {expected} ({replied} of {len(ids)} nodes replied"
+            + (f"; {grouped}" if reasons else "")
             + ")"
         )
     return {p: found[p] for p in range(expected)}
 
 
-def query_nodes(grid: Grid, ids: Sequence[int], timeout: float) -> tuple[dict[int, tuple[int, int]], list[str], int]:
+def few(items: Sequence[int], shown: int = 3) -> str:
+    """The first ``shown`` of ``items``, and how many more: "[0, 1, 2 and 197 more]"."""
+    more = f" and {len(items) - shown} more]" if len(items) > shown else "]"
+    return "[" + ", ".join(str(i) for i in items[:shown]) + more
+
+
+def query_nodes(
+    grid: Grid, ids: Sequence[int], timeout: float
+) -> tuple[dict[int, tuple[int, int]], list[tuple[int, str]], int]:
     """Ask the nodes ``ids`` for their partition and rank: ({partition id: (node id, rank)},
-    the reasons of nodes that answered with an error, the number of replies). ValueError when
-    two nodes declare one partition."""
+    (node id, reason) of each node that answered with an error, the number of replies).
+    ValueError when two nodes declare one partition."""
     queries = [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in ids
     ]
@@ -345,7 +367,7 @@ def query_nodes(grid: Grid, ids: Sequence[int], timeout: float) -> tuple[dict[in
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            reasons.append(f"node {node}: {reply.error.reason}")
+            reasons.append((node, reply.error.reason))
             log.warning("node %d left out: %s", node, reply.error.reason)
             continue
         m = reply.content["metrics"]
