@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from glora.aggregation import RULES, average_params, get_rule
 from glora.aggregation.base import FACTORS
 from glora.federation.config import RunConfig
+from glora.federation.results import RunStore
 from glora.federation.simulation import Federation
 from glora.flower import client_app
 from glora.flower.client_app import node_identity
@@ -356,7 +357,8 @@ def assert_same_run(flower: Path, reference: Path) -> float:
         assert (flower / name).exists(), name
     a = torch.load(flower / "checkpoint.pt", weights_only=False)["state"]
     b = torch.load(reference / "checkpoint.pt", weights_only=False)["state"]
-    assert set(a.layers) == set(b.layers) and a.round == b.round == 2
+    rounds = json.loads((reference / "config.json").read_text())["rounds"]
+    assert set(a.layers) == set(b.layers) and a.round == b.round == rounds
     worst = max(
         float((a.layers[n].delta() - b.layers[n].delta()).norm() / b.layers[n].delta().norm()) for n in a.layers
     )
@@ -402,12 +404,18 @@ class LoopbackGrid(FakeGrid):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["flora", "fedsa-lora"])
+@pytest.mark.parametrize("rule", ["flora", "fedsa-lora", "hetlora"])
 def test_the_app_runs_rules_that_merge_or_keep_personal_factors_like_the_in_process_run(tmp_path, task_identity, rule):
     # FLoRA merges into the base weights (the nodes get the offsets each round); FedSA-LoRA
-    # keeps B and the head on the node (in context.state) and reports the personal models.
+    # keeps B and the head on the node (in context.state) and reports the personal models;
+    # HetLoRA with self-pruning: a node that prunes uploads below its rank and keeps that rank.
     cfg = REFERENCE.replace(rule=rule, ranks="4" if rule == "fedsa-lora" else "2,4", local_steps=2)
+    if rule == "hetlora":
+        cfg = cfg.replace(rounds=3, eval_every=3, rule_options={"prune_gamma": 1.0})
     Federation(cfg, tmp_path / "reference", progress=False).run()
+    if rule == "hetlora":  # the reference did prune (rank 4 -> 3 or 2 -> 1), so the app must too
+        personal = RunStore(tmp_path / "reference").load_checkpoint()["state"].personal
+        assert any(next(iter(s.factors.values())).rank < s.rank for s in personal.values())
     run_config = to_run_config(cfg, FlowerOptions(str(tmp_path / "flower")))
     grid = LoopbackGrid(
         run_config, {11: {"partition-id": 0, "num-partitions": 2}, 7: {"partition-id": 1, "num-partitions": 2}}

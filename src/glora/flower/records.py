@@ -69,6 +69,18 @@ def decode_factors(record: ArrayRecord, scale: float) -> dict[str, LowRank]:
     return out
 
 
+def sent_rank(record: ArrayRecord) -> int:
+    """The rank of the factors a record carries (the columns of its first B); ValueError for
+    a record without factors."""
+    for k in record:
+        if k.startswith("B."):
+            shape = record[k].numpy().shape
+            if len(shape) != 2:
+                raise ValueError(f"{k} has shape {shape}, not (d_out, r)")
+            return int(shape[1])
+    raise ValueError("the reply holds no factors (no B.<layer> array)")
+
+
 def check_update(
     record: ArrayRecord,
     rank: int,

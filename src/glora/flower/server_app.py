@@ -31,17 +31,15 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def keeps_client_state(rule: Rule) -> bool:
-    """Whether a node keeps state of its own between rounds: personal factors or an unshared head."""
-    return any(p.personal or not p.share_head for p in (rule.client_plan(t) for t in (1, 2)))
+    """Whether a node keeps state of its own between rounds: personal factors, an unshared
+    head, or the rank it pruned itself to."""
+    return rule.prunes or any(p.personal or not p.share_head for p in (rule.client_plan(t) for t in (1, 2)))
 
 
 def run_server(grid: Grid, run_config: dict, run_id: int) -> dict:
     """Run the federation over ``grid``; returns the summary written to the run folder."""
     cfg, options = from_run_config(run_config)
     rule = check_config(cfg)
-    if rule.prunes:
-        # A pruned node uploads below its rank, which the app's reply check refuses as a wrong shape.
-        raise ValueError(f"rule {cfg.rule!r} with self-pruning runs in glora run only, not yet in the Flower app")
     if options.resume and keeps_client_state(rule):
         # The nodes' own factors and heads live in their context.state, which a new run starts empty.
         raise ValueError(

@@ -41,7 +41,7 @@ from glora.federation.engine import (
     sample_clients,
 )
 from glora.federation.robust import settle_round
-from glora.flower.records import check_update, encode, record_bytes
+from glora.flower.records import check_update, encode, record_bytes, sent_rank
 from glora.lowrank import LowRank
 
 log = logging.getLogger("flwr.glora")  # a child of Flower's logger: shown by `flwr run --stream` and `flwr log`
@@ -281,7 +281,12 @@ class RuleStrategy(Strategy):
         if not isinstance(loss, int | float) or not math.isfinite(loss):
             raise ValueError(f"training loss {loss!r} is missing or not finite")
         scale = self.scale(node.rank)
-        factors, head = check_update(content["arrays"], node.rank, scale, self.shapes, self.head_template)
+        rank = node.rank
+        if self.rule.prunes:  # a node that pruned its rank uploads its leading components only
+            rank = sent_rank(content["arrays"])
+            if not 1 <= rank <= node.rank:
+                raise ValueError(f"factors of rank {rank}; a node of rank {node.rank} may prune to 1..{node.rank}")
+        factors, head = check_update(content["arrays"], rank, scale, self.shapes, self.head_template)
         plan = self.rule.client_plan(server_round)
         for factor in sorted(FACTORS - plan.train):
             # A factor the rule freezes this round must come back as sent (in the node's dtype).
@@ -289,7 +294,9 @@ class RuleStrategy(Strategy):
                 sent = getattr(self.readouts[node.client][n], factor)
                 if not torch.equal(getattr(f, factor), sent.to(getattr(f, factor).dtype)):
                     raise ValueError(f"layer {n}: the rule freezes {factor} this round, but the node changed it")
-        own = ClientState(factors, head, node.rank) if plan.personal or not plan.share_head else None
+        # What the node keeps for its next round, as the in-process client keeps it.
+        keeps = plan.personal or not plan.share_head or rank < node.rank
+        own = ClientState(factors, head, node.rank) if keeps else None
         weight = float(count) if self.weighting == "examples" else 1.0
         return ClientUpdate(factors, head, float(loss), own), weight, record_bytes(content["arrays"])
 

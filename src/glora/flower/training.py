@@ -23,7 +23,7 @@ from glora.aggregation import Rule, get_rule
 from glora.federation.client import adapted_model, train_client
 from glora.federation.config import RunConfig
 from glora.federation.engine import ClientState, client_layout
-from glora.flower.records import decode_base, decode_factors, decode_head, encode
+from glora.flower.records import decode_base, decode_factors, decode_head, encode, sent_rank
 from glora.models.lora import AdaptedModel
 from glora.tasks import FederatedTask, build_task
 
@@ -76,7 +76,7 @@ def train_reply(content: RecordDict, state: RecordDict, cfg: RunConfig, partitio
         raise ValueError(f"the server sent the round of client {client} to the node of partition {partition}")
     _commit_own(state, int(conf.get("kept-round", 0)))
     arrays = content["arrays"]
-    rank = next(arrays[k].numpy().shape[1] for k in arrays if k.startswith("B."))
+    rank = sent_rank(arrays)
     task, model, parts = load(cfg, rule, rank)
     scale = model.settings.scale(rank)
     # Every message sets the base weights: a reused model may hold another round's offsets.
