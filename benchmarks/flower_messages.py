@@ -7,10 +7,11 @@ node-worker` beside each node, which keeps them loaded across messages.
 A round's client phase is its ``round_seconds`` less its ``server_seconds`` (metrics.jsonl;
 no evaluation before the last round); a message's training is what a worker logs as
 "answered in" (the same computation in both modes). Per-message overhead = client phase -
-training, the median over rounds 2.. (round 1 of a worker also loads the model). Both modes
+training, the median over rounds 2 to R-1 (round 1 of a worker also loads the model, round R
+evaluates). Both modes
 include Flower's own transport and polling, which neither can remove.
 
-    python benchmarks/flower_messages.py [--rounds 5] [--out results/bench/flower_messages.json]
+    python benchmarks/flower_messages.py [--rounds 6] [--out results/bench/flower_messages.json]
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def deployment(folder: Path, rounds: int, workers: bool, timeout: float) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "flower_messages.json")
     args = parser.parse_args()
@@ -114,7 +115,7 @@ def main() -> None:
         phase = statistics.median(r["client_phase_seconds"][1:])
         result[f"{mode}_median_client_phase_seconds"] = phase
         result[f"{mode}_overhead_per_message_seconds"] = phase - training
-        print(f"{mode}: client phase {phase:.2f} s a round (median, rounds 2..), overhead {phase - training:.2f} s")
+        print(f"{mode}: client phase {phase:.2f} s a round (median, rounds 2..R-1), overhead {phase - training:.2f} s")
     print(f"training of a message: {training:.2f} s (median, a worker's log)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -21,9 +21,11 @@ one is at hand. ``--tiny`` runs the same code on this CPU with a tiny Llama (the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,6 +93,8 @@ def peak_memory_mb(device: str) -> float:
 
 
 def reset_peak(device: str) -> None:
+    """Free what earlier measurements left and start the peak afresh (each row's own)."""
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -140,6 +144,7 @@ def federated_run(backbone: str, precision: dict, device: str, folder: Path, tin
     from glora.federation.simulation import run_federation
 
     reset_peak(device)
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun on the same machine measures afresh
     cfg = RunConfig.for_task(
         "superni",
         backbone=backbone,
@@ -170,6 +175,17 @@ def federated_run(backbone: str, precision: dict, device: str, folder: Path, tin
     }
 
 
+def commit() -> str:
+    """The commit of this code: git's, or what gpu_check.sh --prepare wrote where the copy
+    has no .git or the machine no git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out = ""
+    stamp = ROOT / ".gpu-check" / "COMMIT"
+    return out or (stamp.read_text().strip() if stamp.exists() else "unknown")
+
+
 def machine(device: str) -> dict:
     out = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__}
     if device.startswith("cuda"):
@@ -197,24 +213,35 @@ def main(argv: list[str] | None = None) -> dict:
     batch, seq, steps = (2, 32, 2) if args.tiny else (4, 1024, 6)
     result = {
         "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "commit": commit(),
         "machine": machine(args.device),
         "backbone": backbone if args.backbone else f"random Llama, shape {TINY if args.tiny else LLAMA_1B}",
         "local_step": {"batch": batch, "sequence": seq, "rank": 16, "checkpointing": True},
         "precisions": {},
     }
     for name in args.precisions.split(","):
-        precision = PRECISIONS[name]
-        try:
-            step = local_steps(backbone, precision, args.device, batch, seq, steps)
-            fed = federated_run(backbone, precision, args.device, args.out / f"run-{name}", args.tiny)
-            result["precisions"][name] = {"local_step": step, "federated": fed}
-        except (ValueError, ImportError, RuntimeError) as e:  # e.g. 4-bit where bitsandbytes cannot run
-            result["precisions"][name] = {"error": f"{type(e).__name__}: {e}"}
-        print(name, json.dumps(result["precisions"][name])[:400], flush=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+        precision, row = PRECISIONS[name], {}
+        result["precisions"][name] = row
+        # Each measurement on its own: one that fails (4-bit where bitsandbytes cannot run, a
+        # library version's error) is recorded as such and keeps what the others measured.
+        for part, measure, more in (
+            ("local_step", local_steps, (batch, seq, steps)),
+            ("federated", federated_run, (args.out / f"run-{name}", args.tiny)),
+        ):
+            try:
+                row[part] = measure(backbone, precision, args.device, *more)
+            except Exception as e:
+                row[part] = {"error": f"{type(e).__name__}: {e}"}
+            print(name, part, json.dumps(row[part])[:400], flush=True)
+            write_report(args.out, result, args.device)
+    return result
+
+
+def write_report(out: Path, result: dict, device: str) -> None:
+    """gpu_check.json and the table gpu_check.md, rewritten after every measurement."""
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# GPU check ({result['machine'].get('gpu', args.device)}, commit {result['commit'][:7]})",
+        f"# GPU check ({result['machine'].get('gpu', device)}, commit {result['commit'][:7]})",
         "",
         f"Backbone: {result['backbone']}. `{result['command']}`",
         "",
@@ -222,16 +249,23 @@ def main(argv: list[str] | None = None) -> dict:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in result["precisions"].items():
-        if "error" in r:
-            lines.append(f"| {name} | error: {r['error'][:120]} | | | | | |")
-            continue
-        s, f = r["local_step"], r["federated"]
-        lines.append(
-            f"| {name} | {s['step_seconds_median']:.3f} | {s['peak_memory_mb']:.0f} | {s['weights_mb']:.0f} | "
-            f"{f['rougeL']:.2f} | {f['wall_seconds']:.1f} | {f['peak_memory_mb']:.0f} |"
+        s, f = r.get("local_step", {}), r.get("federated", {})
+        step = (
+            f"error: {s['error'][:100]} | | "
+            if "error" in s
+            else f"{s['step_seconds_median']:.3f} | {s['peak_memory_mb']:.0f} | {s['weights_mb']:.0f}"
+            if s
+            else " | | "
         )
-    (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    return result
+        fed = (
+            f"error: {f['error'][:100]} | | "
+            if "error" in f
+            else f"{f['rougeL']:.2f} | {f['wall_seconds']:.1f} | {f['peak_memory_mb']:.0f}"
+            if f
+            else " | | "
+        )
+        lines.append(f"| {name} | {step} | {fed} |")
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

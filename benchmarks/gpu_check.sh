@@ -3,9 +3,10 @@
 # and a short federated SuperNI run, its base in bfloat16 and in 4-bit NF4, on one GPU.
 #
 # Here (with internet to PyPI), once:      bash benchmarks/gpu_check.sh --prepare
-#   builds .gpu-check/ (git-ignored, about 50 MB): the wheels the GPU image lacks
-#   (bitsandbytes, nltk, rouge-score), the transformers and peft this project pins (an xz
-#   tarball), SmolLM2's tokenizer, and the SuperNI files of gpu_check.py's eight tasks.
+#   builds .gpu-check/ (git-ignored, about 16 MB): what the GPU image lacks (bitsandbytes
+#   with its CUDA 13 libraries only, the transformers and peft this project pins: an xz
+#   tarball; nltk and rouge-score wheels), SmolLM2's tokenizer, and the SuperNI files of
+#   gpu_check.py's eight tasks.
 # On the GPU machine (torch there, no network), from the repository root with .gpu-check
 # carried, as one command:                 bash benchmarks/gpu_check.sh [OUT]
 #   installs all of it into a folder of its own, builds the random 1B-shaped Llama, runs
@@ -20,12 +21,16 @@ if [ "${1:-}" = --prepare ]; then
   PY=.venv/bin/python
   data=${GLORA_DATA_DIR:-../shared/data}
   rm -rf "$B" && mkdir -p "$B/wheels" "$B/data/superni/tasks" "$B/tokenizer"
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    -d "$B/wheels" bitsandbytes==0.50.2 nltk==3.10.4
+  $PY -m pip download -q --no-deps --only-binary=:all: -d "$B/wheels" nltk==3.10.4
   $PY -m pip wheel -q --no-deps -w "$B/wheels" rouge-score==0.1.2  # an sdist only: built here, pure Python
-  $PY -m pip install -q --no-deps --no-compile --only-binary=:all: --target "$B/site" transformers==5.24.0 peft==0.21.2
+  # bitsandbytes for the GPU machine's platform (Python 3.12, x86-64), with only the CUDA 13
+  # libraries its torch (cu130) loads: its wheel's other fourteen builds would pass the 64 MiB
+  # a call can send. Installed into one folder with the pinned transformers and peft.
+  $PY -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_24_x86_64 --target "$B/site" bitsandbytes==0.50.2 transformers==5.24.0 peft==0.21.2
+  find "$B/site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*_cpu.so' ! -name '*_cuda13*.so' -delete
   tar cf - -C "$B/site" . | xz -9 -T2 > "$B/site.tar.xz"
+  git rev-parse HEAD > "$B/COMMIT"  # the copy sent to the GPU machine has no .git
   rm -rf "$B/site"
   cp -r "$data/superni/splits" "$data/superni/task_metadata.jsonl.gz" "$B/data/superni/"
   for t in $($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_check as g; print(*g.TRAIN_TASKS, *g.TEST_TASKS)"); do

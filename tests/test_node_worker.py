@@ -4,6 +4,7 @@ and what a node keeps of its own state: only what the server accepted."""
 from __future__ import annotations
 
 import os
+import socket as _socket
 import subprocess
 import sys
 import threading
@@ -44,29 +45,68 @@ def test_a_forwarded_request_gets_the_handlers_answer_and_errors_come_back_as_er
     sock = tmp_path / "w.sock"
     t = serving(sock, handle, 3)
     assert oct(key_file(sock).stat().st_mode & 0o777) == "0o600"  # readable by the node's user alone
-    assert forward(sock, (21,)) == ((21, 21),)
+    assert forward(sock, (21,), 30) == ((21, 21),)
     with pytest.raises(RuntimeError, match="node worker: ValueError: bad request"):
-        forward(sock, "boom")
+        forward(sock, "boom", 30)
     # A process without the key is refused, and the worker goes on serving the node.
     with pytest.raises(Exception, match="digest"):
         Client(str(sock), family="AF_UNIX", authkey=b"not the key")
-    assert forward(sock, (1,)) == ((1, 1),)
+    assert forward(sock, (1,), 30) == ((1, 1),)
     t.join(10)
     assert not t.is_alive() and not sock.exists() and not key_file(sock).exists()
 
 
 def test_without_a_worker_the_error_names_the_socket_and_the_command(tmp_path):
     with pytest.raises(ConnectionError, match=r"no node worker answers on .*w\.sock.*glora node-worker --socket"):
-        forward(tmp_path / "w.sock", ("x",))
+        forward(tmp_path / "w.sock", ("x",), 30)
 
 
-def test_a_second_worker_on_a_served_socket_is_refused(tmp_path):
+def test_a_second_worker_on_a_served_socket_is_refused_and_a_dead_ones_socket_is_replaced(tmp_path):
     sock = tmp_path / "w.sock"
     t = serving(sock, lambda r: (r,), 1)
-    with pytest.raises(FileExistsError, match="another node worker may be serving it"):
+    with pytest.raises(FileExistsError, match=r"a node worker is serving .*w\.sock already"):
         serve(sock, lambda r: (r,))
-    forward(sock, (0,))
+    forward(sock, (0,), 30)
     t.join(10)
+    # What a killed worker leaves: a socket nobody listens on, and its key.
+    dead = _socket.socket(_socket.AF_UNIX)
+    dead.bind(str(sock))
+    dead.close()
+    key_file(sock).write_bytes(b"stale")
+    t = serving(sock, lambda r: (r,), 1)
+    assert forward(sock, (5,), 30) == ((5,),)
+    t.join(10)
+
+
+def test_a_key_others_can_read_is_not_trusted(tmp_path):
+    sock = tmp_path / "w.sock"
+    t = serving(sock, lambda r: (r,), 1)
+    key_file(sock).chmod(0o644)
+    with pytest.raises(ConnectionError, match=r"not readable by this user alone .*mode 0o644"):
+        forward(sock, (0,), 30)
+    key_file(sock).chmod(0o600)
+    forward(sock, (0,), 30)
+    t.join(10)
+
+
+def test_a_request_is_bounded_by_the_rounds_timeout(tmp_path):
+    """A worker busy past the round's timeout: the ClientApp stops waiting (TimeoutError), and
+    the worker does not train the request once its deadline has passed."""
+    calls = []
+
+    def slow(request):
+        calls.append(request)
+        time.sleep(1.5)
+        return (request,)
+
+    sock = tmp_path / "w.sock"
+    t = serving(sock, slow, 2)
+    with pytest.raises(TimeoutError, match="did not answer within 1 s"):
+        forward(sock, ("first",), 1.0)
+    with pytest.raises(TimeoutError, match=r"did not answer within 0\.5 s"):
+        forward(sock, ("late",), 0.5)  # queued behind the first, past its deadline when served
+    t.join(10)
+    assert calls == [("first",)]  # the late request was answered "not trained", not trained
 
 
 def test_a_node_keeps_its_own_state_of_a_round_only_if_the_server_kept_that_rounds_update():
@@ -135,7 +175,7 @@ def test_nodes_with_a_worker_run_like_the_in_process_run_and_load_the_model_once
         worker.wait(30)
     assert_same_run(tmp_path / "flower", tmp_path / "reference")
     out = (tmp_path / "worker.log").read_text()
-    # 2 rounds x 2 nodes of ranks 2 and 4 answered by one process that loaded each rank once.
+    # 2 rounds x 2 nodes of ranks 2 and 4 answered by one process that loaded one model.
     assert out.count("answered in") == 4, out
-    assert out.count("loaded the task and a rank-") == 2, out
+    assert out.count("loaded the task and a model of minilm with ranks [2, 4]") == 1, out
     assert not sock.exists()  # SIGTERM: the worker removed its socket and key

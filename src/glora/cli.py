@@ -278,7 +278,7 @@ def node_worker(
         raise typer.Exit(2) from None
     try:
         serve(socket, serve_request, ready=lambda: Console().print(f"node worker serving {socket} (Ctrl-C stops it)"))
-    except (FileExistsError, OSError) as e:
+    except OSError as e:  # a worker serving the socket already, a path too long for a socket
         Console(stderr=True).print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
 

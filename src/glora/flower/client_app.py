@@ -12,7 +12,8 @@ its train messages then go to that long-lived process, which keeps the backbone 
 instead of loading it in this message's process (see :mod:`glora.flower.node_worker`).
 
 This module imports only flwr at load time: in deployment every message runs in a fresh
-process, and neither a query nor a forwarded train message needs torch or the model code.
+process, and a forwarded train message needs neither torch nor the model code (a query
+reads the run config, which imports the rules and so torch, once per node and run).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         from glora.flower.node_worker import forward, pack, unpack
 
         request = (dict(context.run_config), dict(context.node_config), pack(msg.content), pack(context.state))
-        content, state = forward(str(worker), request)
+        content, state = forward(str(worker), request, float(context.run_config.get("round-timeout", 900.0)))
         for k in list(context.state.keys()):
             del context.state[k]
         for k, v in unpack(state).items():

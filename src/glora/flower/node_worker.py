@@ -11,13 +11,15 @@ message to it over a local socket. The ClientApp process then imports only flwr 
 standard library (:func:`forward`).
 
 The protocol is Python's ``multiprocessing.connection`` (pickled objects over an
-authenticated Unix socket): a request is ``(run_config, node_config, content, state)``, the
-run's config, the node's config, the train message's content and the node's
+authenticated Unix socket): a request is ``(deadline, (run_config, node_config, content,
+state))``, the time its round stops waiting, the run's config, the node's config, the train
+message's content and the node's
 ``context.state`` (RecordDicts as plain dicts of NumPy arrays and values, :func:`pack`:
 a received message's arrays are memoryviews, which do not pickle); the reply is ``("ok",
 content, state)`` or ``("error", text)``. The key that authenticates the ClientApp is written beside
 the socket (``PATH.key``, readable by the worker's user alone): the node's processes run as
-that user, anyone else is refused.
+that user, anyone else is refused, and the ClientApp trusts no key that others could have
+written.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket as sock
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
@@ -63,6 +67,23 @@ def unpack(packed: dict[str, tuple[str, dict[str, Any]]]) -> RecordDict:
     return out
 
 
+def _clear_stale(socket: Path) -> None:
+    """Remove the socket and key a worker left when it was killed (nothing answers on the
+    socket); FileExistsError when a worker is serving it."""
+    if not socket.exists():
+        return
+    probe = sock.socket(sock.AF_UNIX, sock.SOCK_STREAM)
+    try:
+        probe.connect(str(socket))
+    except (ConnectionRefusedError, FileNotFoundError):
+        socket.unlink(missing_ok=True)
+        key_file(socket).unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"a node worker is serving {socket} already: stop it first, or choose another socket")
+
+
 def serve(
     socket: str | Path,
     handle: Callable[[tuple], tuple],
@@ -72,18 +93,13 @@ def serve(
     """Answer requests on the Unix socket ``socket`` until SIGTERM or SIGINT (or, given
     ``stop_after``, that many requests), one at a time (a node trains one message at a time),
     with ``handle(request) -> tuple``; an exception in ``handle`` becomes an ``("error",
-    text)`` reply and the worker goes on serving."""
+    text)`` reply and the worker goes on serving. A request whose deadline has passed while
+    the worker was busy is answered with an error rather than trained (its round is over).
+    The key file appears once the socket listens: it is the sign that the worker is ready."""
     socket = Path(socket)
-    if socket.exists():
-        raise FileExistsError(
-            f"{socket} exists: another node worker may be serving it; stop that one, or remove the file "
-            "if no worker is running"
-        )
+    _clear_stale(socket)
     key = secrets.token_bytes(32)
     kf = key_file(socket)
-    fd = os.open(kf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
     listener = Listener(str(socket), family="AF_UNIX", authkey=key)
 
     def stop(signum, frame):
@@ -93,6 +109,11 @@ def serve(
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
+        tmp = kf.with_name(f".{kf.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        os.replace(tmp, kf)
         if ready is not None:
             ready()
         served = 0
@@ -104,13 +125,16 @@ def serve(
             with conn:
                 served += 1
                 try:
-                    request = conn.recv()
-                except (OSError, EOFError):
+                    deadline, request = conn.recv()
+                except (OSError, EOFError, ValueError, TypeError):
                     continue
-                try:
-                    reply = ("ok", *handle(request))
-                except Exception as e:  # the ClientApp turns it into the node's error reply
-                    reply = ("error", f"{type(e).__name__}: {e}")
+                if time.time() > deadline:
+                    reply = ("error", "the round's timeout passed while the worker was busy: not trained")
+                else:
+                    try:
+                        reply = ("ok", *handle(request))
+                    except Exception as e:  # the ClientApp turns it into the node's error reply
+                        reply = ("error", f"{type(e).__name__}: {e}")
                 try:
                     conn.send(reply)
                 except (OSError, EOFError):
@@ -125,23 +149,38 @@ def serve(
         kf.unlink(missing_ok=True)
 
 
-def forward(socket: str | Path, request: tuple) -> tuple:
-    """Send ``request`` to the worker on ``socket``; its reply without the "ok" (RuntimeError
-    with the worker's message for an error reply, ConnectionError naming the socket and what
-    to do when no worker answers)."""
+def forward(socket: str | Path, request: tuple, timeout: float) -> tuple:
+    """Send ``request`` to the worker on ``socket`` and wait at most ``timeout`` seconds (the
+    round's); its reply without the "ok". RuntimeError with the worker's message for an
+    error reply; ConnectionError naming the socket and what to do when no worker answers,
+    or when the key is not this user's alone (someone else could stand in for the worker);
+    TimeoutError when it does not answer in time."""
+    deadline = time.time() + timeout
+    kf = key_file(socket)
     try:
-        key = key_file(socket).read_bytes()
-        conn = Client(str(socket), family="AF_UNIX", authkey=key)
+        info = kf.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ConnectionError(
+                f"{kf} is not readable by this user alone (owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}): "
+                "refusing to trust it; keep the worker's socket in a private (0700) folder"
+            )
+        conn = Client(str(socket), family="AF_UNIX", authkey=kf.read_bytes())
     except OSError as e:
         raise ConnectionError(
             f"no node worker answers on {socket} ({e}): start one with `glora node-worker --socket {socket}` "
             "on this node, or remove worker= from the SuperNode's --node-config"
         ) from None
+    # Connecting waits for the worker to take the connection, i.e. for its current request to end.
+    late = TimeoutError(f"the node worker on {socket} did not answer within {timeout:g} s")
     with conn:
-        conn.send(request)
+        if time.time() > deadline:
+            raise late
         try:
+            conn.send((deadline, request))
+            if not conn.poll(max(0.0, deadline - time.time())):
+                raise late
             reply = conn.recv()
-        except EOFError:
+        except (EOFError, BrokenPipeError, ConnectionResetError):
             raise ConnectionError(f"the node worker on {socket} closed the connection (did it die?)") from None
     if reply[0] == "error":
         raise RuntimeError(f"node worker: {reply[1]}")

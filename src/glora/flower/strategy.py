@@ -277,6 +277,18 @@ class RuleStrategy(Strategy):
         if self.sizes is not None and count != self.sizes[node.client]:
             # The server draws the same partition: a node cannot inflate its weight.
             raise ValueError(f"example count {count!r} differs from its partition's {self.sizes[node.client]} examples")
+        kept = self.kept.get(node.client, 0)
+        if "own-round" in metrics and metrics["own-round"] != kept:
+            # The node lost the state the server kept for it (restarted under the same node id).
+            log.warning(
+                "round %d: client %d (node %d) trained without its own state of round %d (it holds round %s's): "
+                "its node restarted?",
+                server_round,
+                node.client,
+                node.node_id,
+                kept,
+                metrics["own-round"],
+            )
         loss = metrics.get("train-loss")
         if not isinstance(loss, int | float) or not math.isfinite(loss):
             raise ValueError(f"training loss {loss!r} is missing or not finite")

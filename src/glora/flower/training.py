@@ -12,6 +12,7 @@ state only from the rounds that aggregated it. A rejected update is dropped on b
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -29,29 +30,43 @@ from glora.tasks import FederatedTask, build_task
 
 OWN = "glora-own"  # the key of the client's own factors and head in context.state
 log = logging.getLogger("flwr.glora")  # a child of Flower's logger: in the node's log, the worker's too
+OWN_ROUND = "glora-own-round"  # the round that trained it
 PENDING, PENDING_ROUND = "glora-own-pending", "glora-own-pending-round"  # trained, not yet accepted
 
-# Loaded tasks and models, by run config and rank. Flower's simulation engine reuses its
-# worker processes across messages, and so does a node worker (glora.flower.node_worker), so
-# a node's second round skips loading; the deployment engine's own ClientApp process serves
-# one message and loads every time. A long-lived process keeps the latest few only.
-_LOADED: dict[tuple[str, int], tuple[FederatedTask, AdaptedModel, list[np.ndarray]]] = {}
-_KEEP = 2
+# The loaded task and model of the last run config, with an adapter for every rank that run
+# has (as the in-process driver's one model). Flower's simulation engine reuses its worker
+# processes across messages, and so does a node worker (glora.flower.node_worker), so a
+# node's later messages skip loading; the deployment engine's own ClientApp process serves
+# one message and loads every time. Another run's config replaces it: one backbone in memory.
+_LOADED: dict[str, tuple[FederatedTask, AdaptedModel, list[np.ndarray]]] = {}
 
 
 def load(cfg: RunConfig, rule: Rule, rank: int) -> tuple[FederatedTask, AdaptedModel, list[np.ndarray]]:
-    """The task, a model with a rank-``rank`` adapter, and every client's examples."""
-    key = (cfg.identity(), rank)
+    """The task, a model with an adapter of ``rank`` (and of every rank of the run), and
+    every client's examples."""
+    key = cfg.identity()
+    if key in _LOADED and rank not in _LOADED[key][1].ranks:  # a node declared a rank of its own
+        ranks = [*_LOADED[key][1].ranks, rank]
+        _LOADED.clear()
+    else:
+        ranks = [*cfg.client_ranks(), rank]
     if key not in _LOADED:
+        _LOADED.clear()  # before loading: never two backbones at once
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         t0 = time.perf_counter()
         torch.set_num_threads(cfg.threads)
         task = build_task(cfg)
         parts, _ = client_layout(cfg, task, rule)
-        _LOADED[key] = (task, adapted_model(task, cfg, [rank]), parts)
-        log.info("loaded the task and a rank-%d model of %s in %.1f s", rank, cfg.backbone, time.perf_counter() - t0)
-    _LOADED[key] = _LOADED.pop(key)  # most recently used last
-    while len(_LOADED) > _KEEP:
-        _LOADED.pop(next(iter(_LOADED)))
+        model = adapted_model(task, cfg, sorted(set(ranks)))
+        _LOADED[key] = (task, model, parts)
+        log.info(
+            "loaded the task and a model of %s with ranks %s in %.1f s",
+            cfg.backbone,
+            model.ranks,
+            time.perf_counter() - t0,
+        )
     return _LOADED[key]
 
 
@@ -62,6 +77,7 @@ def _commit_own(state: RecordDict, kept_round: int) -> None:
         return
     if int(state[PENDING_ROUND]["round"]) == kept_round:
         state[OWN] = state[PENDING]
+        state[OWN_ROUND] = state[PENDING_ROUND]
     del state[PENDING]
     del state[PENDING_ROUND]
 
@@ -98,7 +114,9 @@ def train_reply(content: RecordDict, state: RecordDict, cfg: RunConfig, partitio
     if update.own is not None:
         state[PENDING] = encode(update.own.factors, update.own.head)
         state[PENDING_ROUND] = ConfigRecord({"round": server_round})
-    metrics = MetricRecord({"num-examples": len(parts[client]), "train-loss": update.loss})
+    # The round of the own state it trained from (0: none), for the server to compare with its own record.
+    own_round = int(state[OWN_ROUND]["round"]) if OWN in state and OWN_ROUND in state else 0
+    metrics = MetricRecord({"num-examples": len(parts[client]), "train-loss": update.loss, "own-round": own_round})
     return RecordDict({"arrays": encode(update.factors, update.head), "metrics": metrics})
 
 

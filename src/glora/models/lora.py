@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -220,10 +221,14 @@ class AdaptedModel:
         return [p for mod in self._head_modules(rank).values() for p in mod.parameters()]
 
     def _offset_hook(self, name: str):
-        """Forward hook of a reduced-precision base layer: its output plus x @ offset^T."""
+        """Forward hook of a reduced-precision base layer: its output plus x @ offset^T. It
+        holds this object weakly: a strong reference would make a cycle (model -> hook ->
+        self -> model) that keeps a dropped model in memory until a full garbage collection."""
+        owner = weakref.ref(self)
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            offset = self._offsets[name]
+            me = owner()
+            offset = me._offsets[name] if me is not None else None
             if offset is None:
                 return output
             return output + nn.functional.linear(inputs[0].to(offset.dtype), offset).to(output.dtype)
