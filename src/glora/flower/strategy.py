@@ -121,6 +121,7 @@ class RuleStrategy(Strategy):
         # The last round whose update of each client went into the state (its own factors and
         # head among it): a node keeps what it trained in a round only if that round is named.
         self.kept: dict[int, int] = {}
+        self.left_out_last: set[int] = set()  # the clients the last round left out
         self.round_started = 0.0
         #: The metrics row of the last round, or None when every reply was bad.
         self.last_record: dict[str, Any] | None = None
@@ -162,10 +163,12 @@ class RuleStrategy(Strategy):
 
     def rebind(self, grid: Grid) -> None:
         """A node that connected since the last round (a restarted SuperNode gets a new id)
-        takes over the partition it declares when the node that served it is gone, at the
-        same rank; the partition is left out of the rounds until one does."""
+        takes over the partition it declares when the node that served it is gone or was
+        left out of the last round, at the same rank; the partition is left out of the rounds
+        until one does. (A killed node stays in Flower's list of nodes until it misses two
+        heartbeats, up to a minute: waiting for that would cost its partition another round.)"""
         live = set(grid.get_node_ids())
-        gone = {n.client for n in self.nodes if n.node_id not in live}
+        gone = {n.client for n in self.nodes if n.node_id not in live} | self.left_out_last
         new = sorted(live - {n.node_id for n in self.nodes})
         if not gone or not new:
             return
@@ -184,7 +187,8 @@ class RuleStrategy(Strategy):
                 )
                 continue
             self.nodes[pid] = NodeClient(node_id, pid, rank)
-            log.info("partition %d: node %d takes over from node %d (gone)", pid, node_id, old.node_id)
+            why = "gone" if old.node_id not in live else "left out of the last round"
+            log.info("partition %d: node %d takes over from node %d (%s)", pid, node_id, old.node_id, why)
             if pid in self.state.personal:
                 log.warning(
                     "partition %d: its own factors stayed on node %d; it starts again from the readout",
@@ -231,6 +235,7 @@ class RuleStrategy(Strategy):
             self.clip_update_norm,
             self.rule.client_plan(server_round).train & self.rule.client_plan(server_round).send,
         )
+        self.left_out_last = set(settled.left_out)
         for client, update in zip(settled.clients, settled.updates, strict=True):
             if update.own is not None:
                 self.kept[client] = server_round
