@@ -3,6 +3,7 @@ and what a node keeps of its own state: only what the server accepted."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket as _socket
 import subprocess
@@ -147,8 +148,15 @@ def test_a_node_whose_update_the_server_rejected_trains_on_without_it(tmp_path, 
 
 
 @pytest.mark.slow
-def test_nodes_with_a_worker_run_like_the_in_process_run_and_load_the_model_once_per_rank(tmp_path, task_identity):
-    Federation(REFERENCE, tmp_path / "reference", progress=False).run()
+@pytest.mark.parametrize("rule", ["glora", "fedsa-lora"])
+def test_nodes_with_a_worker_run_like_the_in_process_run_and_load_the_model_once(tmp_path, task_identity, rule, caplog):
+    # GLoRA over ranks 2 and 4; FedSA-LoRA keeps B and the head on the node, which goes to
+    # the worker and back with every message (pending, then kept), 3 rounds of one client
+    # in two, so a node's own state waits out a round it is not sampled in.
+    cfg = REFERENCE
+    if rule == "fedsa-lora":
+        cfg = REFERENCE.replace(rule=rule, ranks="4", rounds=3, fraction=0.5, local_steps=2, eval_every=3)
+    Federation(cfg, tmp_path / "reference", progress=False).run()
     sock = tmp_path / "worker.sock"
     env = {**os.environ, "GLORA_CACHE_DIR": os.environ.get("GLORA_CACHE_DIR", str(tmp_path / "cache"))}
     log = (tmp_path / "worker.log").open("w")
@@ -163,19 +171,27 @@ def test_nodes_with_a_worker_run_like_the_in_process_run_and_load_the_model_once
         while not key_file(sock).exists():
             assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
             time.sleep(0.2)
-        run_config = to_run_config(REFERENCE, FlowerOptions(str(tmp_path / "flower")))
+        run_config = to_run_config(cfg, FlowerOptions(str(tmp_path / "flower")))
         worker_at = {"worker": str(sock)}
         nodes = {
             11: {"partition-id": 0, "num-partitions": 2, **worker_at},
             7: {"partition-id": 1, "num-partitions": 2, **worker_at},
         }
-        run_server(LoopbackGrid(run_config, nodes), run_config, run_id=1)
+        grid = LoopbackGrid(run_config, nodes)
+        summary = run_server(grid, run_config, run_id=1)
     finally:
         worker.terminate()
         worker.wait(30)
     assert_same_run(tmp_path / "flower", tmp_path / "reference")
+    reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    assert summary["final"] == reference["final"] and summary["final_personal"] == reference["final_personal"]
     out = (tmp_path / "worker.log").read_text()
-    # 2 rounds x 2 nodes of ranks 2 and 4 answered by one process that loaded one model.
-    assert out.count("answered in") == 4, out
-    assert out.count("loaded the task and a model of minilm with ranks [2, 4]") == 1, out
+    # Every message answered by one process that loaded one model with the run's ranks.
+    rows = [json.loads(line) for line in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
+    assert out.count("answered in") == sum(len(r["clients"]) for r in rows), out
+    ranks = sorted(set(cfg.client_ranks()))
+    assert out.count(f"loaded the task and a model of minilm with ranks {ranks}") == 1, out
+    assert "trained without its own state" not in caplog.text  # every node kept what the server kept
+    if rule == "fedsa-lora":
+        assert all(OWN in state for state in grid.states.values() if state)
     assert not sock.exists()  # SIGTERM: the worker removed its socket and key
