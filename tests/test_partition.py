@@ -159,3 +159,19 @@ def test_ten_thousand_clients_split_in_one_pass(sst2_labels):
     assert min(len(p) for p in parts) >= 5
     with pytest.raises(ValueError, match="6736 clients with at least min_size=10 examples each need 67360"):
         dirichlet_one_pass_partition(sst2_labels, 6736, 0.5, seed=1, min_size=10)
+
+
+@pytest.mark.parametrize(
+    ("clients", "alpha", "seed", "min_size", "fingerprint"),
+    [(10, 0.5, 0, 20, "1be335a4456a191b"), (50, 0.5, 1, 20, "e5f76e9a104919b2"), (30, 0.1, 2, 10, "8f1731fc76541bcf")],
+)
+def test_the_redrawn_split_is_the_one_recorded_runs_were_made_with(clients, alpha, seed, min_size, fingerprint):
+    """Run folders record the config, not the split: a change to how the redrawn scheme
+    computes its draws must leave every split as it was (fingerprints from the code of
+    commit dd7e133, before the draws stopped splitting rejected candidates)."""
+    import hashlib
+
+    y = np.random.default_rng(0).integers(0, 3, 6000)
+    parts = dirichlet_partition(y, clients, alpha, seed, min_size)
+    got = hashlib.sha256(b"|".join(p.astype(np.int64).tobytes() for p in parts)).hexdigest()[:16]
+    assert got == fingerprint

@@ -79,14 +79,15 @@ def label_buckets(labels: LabelsLike, num_buckets: int = 5) -> np.ndarray:
 
 def _dirichlet_draw(
     by_class: Sequence[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator
-) -> tuple[list[list[np.ndarray]], np.ndarray] | None:
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray] | None:
     """One draw of the scheme over ``by_class`` (each class's example indices, ascending):
-    each client's chunks, one per class, and the clients' sizes, shape (num_clients,); None
-    when the mass of a class fell only on full clients. Only chunk views are cut here, so a
-    draw the caller rejects for its sizes costs no copying."""
+    per class, its shuffled indices and where they are cut among the clients, and the
+    clients' sizes, shape (num_clients,); None when the mass of a class fell only on full
+    clients. Sizes come from the cuts alone (no Python loop over clients): a draw the caller
+    rejects, which at hundreds of clients is almost every draw, costs no splitting."""
     n = sum(len(members) for members in by_class)
     sizes = np.zeros(num_clients, dtype=np.int64)
-    chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    cut = []
     for members in by_class:
         idx = members.copy()
         rng.shuffle(idx)
@@ -95,10 +96,9 @@ def _dirichlet_draw(
         if p.sum() <= 0:
             return None
         cuts = (np.cumsum(p / p.sum()) * len(idx)).astype(np.int64)[:-1]
-        for client, chunk in enumerate(np.split(idx, cuts)):
-            chunks[client].append(chunk)
-            sizes[client] += len(chunk)
-    return chunks, sizes
+        sizes += np.diff(cuts, prepend=0, append=len(idx))
+        cut.append((idx, cuts))
+    return cut, sizes
 
 
 def dirichlet_partition(
@@ -135,7 +135,8 @@ def dirichlet_partition(
     for _ in range(max_retries):
         draw = _dirichlet_draw(by_class, num_clients, alpha, rng)
         if draw is not None and draw[1].min() >= min_size:
-            return [np.sort(np.concatenate(c)).astype(np.int64) for c in draw[0]]
+            per_class = [np.split(idx, cuts) for idx, cuts in draw[0]]
+            return [np.sort(np.concatenate(chunks)).astype(np.int64) for chunks in zip(*per_class, strict=True)]
     raise ValueError(
         f"no Dirichlet split in {max_retries} draws gave each of {num_clients} clients at least {min_size} of "
         f"{n} examples (alpha={alpha}); use --partition-scheme one-pass (always one draw), raise alpha, lower "
