@@ -91,23 +91,27 @@ def test_a_key_others_can_read_is_not_trusted(tmp_path):
 
 
 def test_a_request_is_bounded_by_the_rounds_timeout(tmp_path):
-    """A worker busy past the round's timeout: the ClientApp stops waiting (TimeoutError), and
-    the worker does not train the request once its deadline has passed."""
+    """A worker busy past the round's timeout: the ClientApp stops waiting, and a request
+    whose deadline passed before the worker took it is not trained."""
+    release = threading.Event()
     calls = []
 
-    def slow(request):
+    def busy(request):
         calls.append(request)
-        time.sleep(1.5)
+        release.wait(30)  # busy until the test has seen the ClientApp give up
         return (request,)
 
     sock = tmp_path / "w.sock"
-    t = serving(sock, slow, 2)
-    with pytest.raises(TimeoutError, match="did not answer within 1 s"):
+    t = serving(sock, busy, 2)
+    # On a loaded machine the worker may take the request only after its second has passed:
+    # then it answers "not trained" at once. Either way the ClientApp waits no longer.
+    with pytest.raises((TimeoutError, RuntimeError), match=r"did not answer within 1 s|timeout passed"):
         forward(sock, ("first",), 1.0)
+    threading.Timer(1.0, release.set).start()  # the worker finishes "first" a second from now
     with pytest.raises(TimeoutError, match=r"did not answer within 0\.5 s"):
-        forward(sock, ("late",), 0.5)  # queued behind the first, past its deadline when served
+        forward(sock, ("late",), 0.5)  # it waited for the worker past its deadline: not sent
     t.join(10)
-    assert calls == [("first",)]  # the late request was answered "not trained", not trained
+    assert ("late",) not in calls
 
 
 def test_a_node_keeps_its_own_state_of_a_round_only_if_the_server_kept_that_rounds_update():
