@@ -23,13 +23,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from glora.federation.config import RunConfig
 from glora.flower.config import FlowerOptions, run_config_overrides, to_run_config
-from glora.flower.loopback import Processes, free_port, start_superlink, write_connection
-from glora.flower.node_worker import key_file
+from glora.flower.loopback import (
+    Processes,
+    free_port,
+    start_node_worker,
+    start_superlink,
+    start_supernode,
+    write_connection,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,16 +67,9 @@ def deployment(folder: Path, rounds: int, workers: bool, timeout: float) -> dict
             node_config = f"partition-id={pid} num-partitions=2"
             if workers:
                 sock = folder / f"worker{pid}.sock"
-                worker = [sys.executable, "-m", "glora.cli", "node-worker", "--socket", str(sock)]
-                procs.start(f"worker{pid}", worker, ".")
-                deadline = time.monotonic() + 120
-                while not key_file(sock).exists():
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the node worker on {sock} did not start")
-                    time.sleep(0.2)
+                start_node_worker(procs, f"worker{pid}", sock)
                 node_config += f" worker='{sock}'"
-            node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port())]
-            procs.start(f"supernode{pid}", [*node, "--node-config", node_config], f"node{pid}")
+            start_supernode(procs, f"supernode{pid}", link, node_config, "--insecure")
         run = procs.start(
             "flwr-run", ["flwr", "run", str(ROOT), "loop", "--stream", "-c", run_config_overrides(overrides)], "cli"
         )

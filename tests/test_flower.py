@@ -28,7 +28,7 @@ from glora.federation.simulation import Federation
 from glora.flower import client_app
 from glora.flower.client_app import node_identity
 from glora.flower.config import FlowerOptions, from_run_config, run_config_overrides, to_run_config
-from glora.flower.loopback import Processes, free_port, start_superlink, write_connection
+from glora.flower.loopback import Processes, free_port, start_superlink, start_supernode, write_connection
 from glora.flower.records import decode_factors, decode_head, encode
 from glora.flower.server_app import run_server
 from glora.flower.strategy import NodeClient, RuleStrategy, discover_nodes
@@ -460,29 +460,13 @@ def test_deployment_engine_matches_the_in_process_run(tmp_path, request):
     # A SuperLink and 2 SuperNodes on loopback; node 1 declares its own rank (4) over the run
     # config's (2), so the ranks are unequal only if node configs reach the server.
     procs = Processes(tmp_path)
-    link, n0, n1 = free_port(), free_port(), free_port()
+    link = free_port()
     write_connection(tmp_path, "loop", link)
     overrides = to_run_config(REFERENCE.replace(ranks="2"), FlowerOptions(str(tmp_path / "out"), 240.0, 120.0))
     try:
         start_superlink(procs, link)
-        for pid, port, node_config in (
-            (0, n0, "partition-id=0 num-partitions=2"),
-            (1, n1, "partition-id=1 num-partitions=2 rank=4"),
-        ):
-            procs.start(
-                f"supernode{pid}",
-                [
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link}",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    node_config,
-                ],
-                f"node{pid}",
-            )
+        for pid, node_config in ((0, "partition-id=0 num-partitions=2"), (1, "partition-id=1 num-partitions=2 rank=4")):
+            start_supernode(procs, f"supernode{pid}", link, node_config, "--insecure")
         # The in-process reference runs while the nodes wait on Flower's 3-second polls.
         run_and_check(procs, "loop", overrides, [], timeout=480, meanwhile=lambda: request.getfixturevalue("reference"))
     finally:

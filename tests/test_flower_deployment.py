@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from glora.flower.config import FlowerOptions, run_config_overrides, to_run_config
+from glora.flower.loopback import start_supernode
 from tests.test_flower import (
     REFERENCE,
     ROOT,
@@ -133,23 +134,6 @@ def write_tls_connection(folder: Path, name: str, port: int, ca: Path) -> None:
     (folder / "cli" / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n'
         f'[superlink.{name}]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{ca.resolve()}"\n'
-    )
-
-
-def supernode(procs: Processes, name: str, link: int, node_config: str, *options: str):
-    return procs.start(
-        name,
-        [
-            "flower-supernode",
-            *options,
-            "--superlink",
-            f"127.0.0.1:{link}",
-            "--port",
-            str(free_port()),
-            "--node-config",
-            node_config,
-        ],
-        name,
     )
 
 
@@ -284,7 +268,7 @@ def test_tls_with_node_authentication_runs_registered_nodes_and_refuses_an_unreg
         assert listed_nodes(procs, "tls") == {n: "registered" for n in registered.values()}
         for pid, name in enumerate(("node0", "node1", "stranger")):
             node_config = f"partition-id={pid % 2} num-partitions=2"
-            supernode(procs, name, link, node_config, *tls, "--auth-supernode-private-key", str(keys[name]))
+            start_supernode(procs, name, link, node_config, *tls, "--auth-supernode-private-key", str(keys[name]))
         stranger = procs.started[-1]
         # A registered node's id is the one its key was registered under.
         assert {name: node_id_in_log(procs, name, 60) for name in registered} == registered
@@ -359,7 +343,8 @@ def test_a_persistent_superlink_killed_mid_run_keeps_its_nodes_and_the_resumed_r
         start_superlink(procs, link, "--database", str(database))
         superlink = procs.started[-1]
         nodes = [
-            supernode(procs, f"node{pid}", link, f"partition-id={pid} num-partitions=2", "--insecure") for pid in (0, 1)
+            start_supernode(procs, f"node{pid}", link, f"partition-id={pid} num-partitions=2", "--insecure")
+            for pid in (0, 1)
         ]
         ids = {f"node{pid}": node_id_in_log(procs, f"node{pid}", 60) for pid in (0, 1)}
         # `flwr run` without --stream returns once the run has started.
@@ -415,7 +400,7 @@ def test_an_in_memory_superlink_restarted_forgets_its_nodes_and_they_exit(tmp_pa
     try:
         start_superlink(procs, link)
         superlink = procs.started[-1]
-        node = supernode(procs, "node0", link, "partition-id=0 num-partitions=1", "--insecure")
+        node = start_supernode(procs, "node0", link, "partition-id=0 num-partitions=1", "--insecure")
         node_id_in_log(procs, "node0", 60)
         os.killpg(superlink.pid, signal.SIGKILL)
         superlink.wait(timeout=30)
@@ -446,8 +431,8 @@ def test_a_supernode_killed_after_round_1_and_restarted_takes_its_partition_back
     overrides = to_run_config(cfg, FlowerOptions(str(out), round_timeout=30.0, node_wait=120.0))
     try:
         start_superlink(procs, link)
-        supernode(procs, "node0", link, "partition-id=0 num-partitions=2", "--insecure")
-        first = supernode(procs, "node1", link, "partition-id=1 num-partitions=2", "--insecure")
+        start_supernode(procs, "node0", link, "partition-id=0 num-partitions=2", "--insecure")
+        first = start_supernode(procs, "node1", link, "partition-id=1 num-partitions=2", "--insecure")
         old_id = node_id_in_log(procs, "node1", 60)
 
         def restart_node1():
@@ -455,7 +440,7 @@ def test_a_supernode_killed_after_round_1_and_restarted_takes_its_partition_back
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=30)
             (tmp_path / "node1.log").rename(tmp_path / "node1-killed.log")
-            supernode(procs, "node1", link, "partition-id=1 num-partitions=2", "--insecure")
+            start_supernode(procs, "node1", link, "partition-id=1 num-partitions=2", "--insecure")
 
         run_and_check(procs, "loop", overrides, [], timeout=600, meanwhile=restart_node1)
         new_id = node_id_in_log(procs, "node1", 10)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import socket as _socket
-import subprocess
-import sys
 import threading
-import time
 from multiprocessing.connection import Client
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +19,7 @@ from flwr.app import ConfigRecord, RecordDict
 import glora.flower.training as training
 from glora.federation.simulation import Federation
 from glora.flower.config import FlowerOptions, to_run_config
+from glora.flower.loopback import Processes, start_node_worker
 from glora.flower.node_worker import forward, key_file, serve
 from glora.flower.records import encode
 from glora.flower.server_app import run_server
@@ -162,19 +161,9 @@ def test_nodes_with_a_worker_run_like_the_in_process_run_and_load_the_model_once
         cfg = REFERENCE.replace(rule=rule, ranks="4", rounds=3, fraction=0.5, local_steps=2, eval_every=3)
     Federation(cfg, tmp_path / "reference", progress=False).run()
     sock = tmp_path / "worker.sock"
-    env = {**os.environ, "GLORA_CACHE_DIR": os.environ.get("GLORA_CACHE_DIR", str(tmp_path / "cache"))}
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "glora.cli", "node-worker", "--socket", str(sock)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    procs = Processes(tmp_path, cache=Path(os.environ.get("GLORA_CACHE_DIR", tmp_path / "cache")))
     try:
-        deadline = time.monotonic() + 120
-        while not key_file(sock).exists():
-            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
-            time.sleep(0.2)
+        start_node_worker(procs, "worker", sock)
         run_config = to_run_config(cfg, FlowerOptions(str(tmp_path / "flower")))
         worker_at = {"worker": str(sock)}
         nodes = {
@@ -184,8 +173,8 @@ def test_nodes_with_a_worker_run_like_the_in_process_run_and_load_the_model_once
         grid = LoopbackGrid(run_config, nodes)
         summary = run_server(grid, run_config, run_id=1)
     finally:
-        worker.terminate()
-        worker.wait(30)
+        left = procs.stop()
+    assert not left, f"process groups {left} survived SIGTERM and SIGKILL"
     assert_same_run(tmp_path / "flower", tmp_path / "reference")
     reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
     assert summary["final"] == reference["final"] and summary["final_personal"] == reference["final_personal"]

@@ -24,8 +24,9 @@ def free_port() -> int:
 
 
 class Processes:
-    """Processes this test starts, each in its own process group (a SuperLink or SuperNode
-    spawns helper processes, which the group takes down with it)."""
+    """The processes of one loopback deployment, each in its own process group (a SuperLink
+    or SuperNode spawns helper processes, which the group takes down with it); their logs
+    are ``<folder>/<name>.log``."""
 
     def __init__(self, folder: Path, cache: Path | None = None) -> None:
         self.folder = folder
@@ -109,6 +110,27 @@ def start_superlink(procs: Processes, port: int, *options: str) -> None:
         "link",
     )
     wait_healthy(port, 60)
+
+
+def start_supernode(procs: Processes, name: str, link: int, node_config: str, *options: str) -> subprocess.Popen:
+    """A SuperNode of the SuperLink on ``link`` with ``node_config`` and ``options`` (e.g.
+    ``--insecure``), its log ``<name>.log`` and its Flower home a folder named ``name``."""
+    args = ["flower-supernode", *options, "--superlink", f"127.0.0.1:{link}", "--port", str(free_port())]
+    return procs.start(name, [*args, "--node-config", node_config], name)
+
+
+def start_node_worker(procs: Processes, name: str, socket_path: Path, timeout: float = 120.0) -> subprocess.Popen:
+    """A ``glora node-worker`` on ``socket_path``; returns once it serves (its key exists)."""
+    from glora.flower.node_worker import key_file
+
+    worker = procs.start(name, [sys.executable, "-m", "glora.cli", "node-worker", "--socket", str(socket_path)], name)
+    deadline = time.monotonic() + timeout
+    while not key_file(socket_path).exists():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            log = (procs.folder / f"{name}.log").read_text()
+            raise RuntimeError(f"the node worker on {socket_path} did not start within {timeout} s:\n{log[-2000:]}")
+        time.sleep(0.2)
+    return worker
 
 
 def write_connection(folder: Path, name: str, port: int) -> None:

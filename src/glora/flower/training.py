@@ -45,13 +45,11 @@ def load(cfg: RunConfig, rule: Rule, rank: int) -> tuple[FederatedTask, AdaptedM
     """The task, a model with an adapter of ``rank`` (and of every rank of the run), and
     every client's examples."""
     key = cfg.identity()
-    if key in _LOADED and rank not in _LOADED[key][1].ranks:  # a node declared a rank of its own
-        ranks = [*_LOADED[key][1].ranks, rank]
+    held = _LOADED.get(key)
+    if held is None or rank not in held[1].ranks:  # another run, or a node declared a rank of its own
+        ranks = {*cfg.client_ranks(), rank, *(held[1].ranks if held else ())}
+        held = None  # the old model goes before the new one loads: never two backbones at once
         _LOADED.clear()
-    else:
-        ranks = [*cfg.client_ranks(), rank]
-    if key not in _LOADED:
-        _LOADED.clear()  # before loading: never two backbones at once
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -59,7 +57,7 @@ def load(cfg: RunConfig, rule: Rule, rank: int) -> tuple[FederatedTask, AdaptedM
         torch.set_num_threads(cfg.threads)
         task = build_task(cfg)
         parts, _ = client_layout(cfg, task, rule)
-        model = adapted_model(task, cfg, sorted(set(ranks)))
+        model = adapted_model(task, cfg, sorted(ranks))
         _LOADED[key] = (task, model, parts)
         log.info(
             "loaded the task and a model of %s with ranks %s in %.1f s",

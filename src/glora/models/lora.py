@@ -77,6 +77,11 @@ def adapter_name(rank: int) -> str:
 EXPORT_ADAPTER = "export"  # the adapter AdaptedModel.save_adapter adds for a save
 
 
+def _adapter(key: int | str) -> str:
+    """The peft adapter name of a rank, or a name given as such (:data:`EXPORT_ADAPTER`)."""
+    return key if isinstance(key, str) else adapter_name(key)
+
+
 class AdaptedModel:
     """A backbone with LoRA adapters of several ranks on the same frozen base weights."""
 
@@ -133,13 +138,14 @@ class AdaptedModel:
             for n, m in self.layers.items()
         }
 
-    def set_factors(self, rank: int, factors: Mapping[str, LowRank]) -> None:
-        """Write factors into the adapter of this rank; their scale must be the adapter's."""
-        a = adapter_name(rank)
+    def set_factors(self, rank: int | str, factors: Mapping[str, LowRank]) -> None:
+        """Write factors into the adapter of this rank (or of that name); their rank and scale
+        must be the adapter's."""
+        a = _adapter(rank)
         for n, m in self.layers.items():
             f = factors[n]
-            if f.rank != rank:
-                raise ValueError(f"layer {n}: factors of rank {f.rank} do not fit the rank-{rank} adapter")
+            if f.rank != m.r[a]:
+                raise ValueError(f"layer {n}: factors of rank {f.rank} do not fit the rank-{m.r[a]} adapter")
             if not math.isclose(f.scale, float(m.scaling[a]), rel_tol=1e-6):
                 raise ValueError(f"layer {n}: factor scale {f.scale} differs from the adapter's {m.scaling[a]}")
             with torch.no_grad():
@@ -149,7 +155,7 @@ class AdaptedModel:
     # -- head ----------------------------------------------------------------------------------
     def _head_modules(self, rank: int | str) -> dict[str, nn.Module]:
         """The head's modules of the adapter of ``rank`` (or of that adapter name)."""
-        a = rank if isinstance(rank, str) else adapter_name(rank)
+        a = _adapter(rank)
         out = {}
         for name, m in self.peft.named_modules():
             if type(m).__name__ == "ModulesToSaveWrapper":
@@ -161,7 +167,7 @@ class AdaptedModel:
             f"{mn}.{pn}": _host(p) for mn, mod in self._head_modules(rank).items() for pn, p in mod.named_parameters()
         }
 
-    def set_head(self, rank: int, head: Mapping[str, Tensor]) -> None:
+    def set_head(self, rank: int | str, head: Mapping[str, Tensor]) -> None:
         for mn, mod in self._head_modules(rank).items():
             with torch.no_grad():
                 for pn, p in mod.named_parameters():
@@ -184,20 +190,14 @@ class AdaptedModel:
         name = EXPORT_ADAPTER
         self.peft.add_adapter(name, config)
         try:
-            layers = {_short(n): m for n, m in self.peft.named_modules() if isinstance(m, LoraLayer)}
-            with torch.no_grad():
-                for n, m in layers.items():
-                    m.lora_B[name].weight.copy_(factors[n].B)
-                    m.lora_A[name].weight.copy_(factors[n].A)
-                for mn, mod in self._head_modules(name).items():
-                    for pn, p in mod.named_parameters():
-                        p.copy_(head[f"{mn}.{pn}"])
+            self.set_factors(name, factors)
+            self.set_head(name, head)
             Path(folder).parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=Path(folder).parent, ignore_cleanup_errors=True) as tmp:
                 self.peft.save_pretrained(tmp, selected_adapters=[name])
                 saved = Path(tmp) / name  # peft writes a non-default adapter into a subfolder named after it
                 if info is not None:
-                    describe_adapter(saved, self.peft.get_base_model(), layers, info)
+                    describe_adapter(saved, self.peft.get_base_model(), self.layers, info)
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(saved, folder)
         finally:
