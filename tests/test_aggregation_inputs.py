@@ -63,7 +63,15 @@ def test_factor_ranks_disagree(name):
 
 def test_the_rules_needing_equal_ranks_are_the_ones_their_authors_define_so():
     # centralized aggregates one pooled client; the loop pools before it aggregates.
-    assert EQUAL_RANK_RULES == ["centralized", "fedex-lora", "fedit", "fedsa-lora", "ffa-lora", "rolora"]
+    assert EQUAL_RANK_RULES == [
+        "centralized",
+        "centralized-steps",
+        "fedex-lora",
+        "fedit",
+        "fedsa-lora",
+        "ffa-lora",
+        "rolora",
+    ]
 
 
 @pytest.mark.parametrize("name", EQUAL_RANK_RULES)

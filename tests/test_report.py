@@ -123,6 +123,10 @@ def test_numbers_equal_a_hand_computation(results):
     _check(rows, ("s1", "glora", "server_seconds_per_round"), 3, 0.2, 0.0)
     _check(rows, ("s1", "glora", "mib_up_per_round"), 3, 2.0, 0.0)
     _check(rows, ("s1", "glora", "mib_down_per_round"), 3, 2.0, 0.0)
+    # The report says which budget the reference of this folder had (and names no other).
+    md = (results / "report.md").read_text()
+    assert "The references: `centralized`, pooled data at the examples the whole federation sees" in md
+    assert "`centralized-steps`" not in md
 
     md = (results / "report.md").read_text()
     # Best federated rule per column in bold: fedit in s1 (0.8233 > 0.82), glora in s2 (0.71 > 0.705);

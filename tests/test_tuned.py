@@ -82,26 +82,31 @@ def test_a_task_the_tuning_lacks_is_refused(tmp_path):
         )
 
 
-def test_per_rule_each_rule_takes_its_own_best_complete_rate(tmp_path):
+def test_per_rule_each_rule_takes_its_own_best_rate_once_all_its_runs_finished(tmp_path):
     from glora.experiments.grid.tuned import tuned_lrs_per_rule
     from glora.experiments.sweep_results import load_results
 
     root = _sweep(
         tmp_path / "t",
         [
-            # glora: 2e-3 best on both seeds; 5e-3 better on seed 0 but seed 1 is unfinished
+            # glora: 2e-3 best on both seeds
             ("sst2", "glora", 1e-3, 0, 0.70),
             ("sst2", "glora", 1e-3, 1, 0.72),
             ("sst2", "glora", 2e-3, 0, 0.80),
             ("sst2", "glora", 2e-3, 1, 0.78),
-            ("sst2", "glora", 5e-3, 0, 0.95),
-            ("sst2", "glora", 5e-3, 1, None),
             # fedit: the smaller rate wins the tie
             ("sst2", "fedit", 1e-3, 0, 0.75),
             ("sst2", "fedit", 2e-3, 0, 0.75),
             # a reference is tuned like a rule
             ("sst2", "centralized", 5e-3, 0, 0.9),
             ("sst2", "centralized", 1e-3, 0, 0.8),
+            # flora: its best rate so far, 5e-3, has a seed still running: not tuned yet, although
+            # every rate it finished has all its seeds (choosing now would choose among the rates
+            # that happen to have run)
+            ("sst2", "flora", 1e-3, 0, 0.70),
+            ("sst2", "flora", 1e-3, 1, 0.70),
+            ("sst2", "flora", 5e-3, 0, 0.95),
+            ("sst2", "flora", 5e-3, 1, None),
         ],
     )
     lrs = tuned_lrs_per_rule(load_results(root))
@@ -109,5 +114,16 @@ def test_per_rule_each_rule_takes_its_own_best_complete_rate(tmp_path):
     runs = expand(load_preset("data-heterogeneity"), tasks=["sst2"], settings=["iid"], rules=["glora", "fedit"])
     tuned = with_tuned_lrs(runs, lrs, root)
     assert {(r.config.rule, r.config.lr) for r in tuned} == {("glora", 2e-3), ("fedit", 1e-3)}
-    with pytest.raises(ValueError, match="no tuned learning rate for sst2/flora"):
+    with pytest.raises(ValueError, match=r"no tuned learning rate for sst2/flora \(3 of 4 runs finished\)"):
         with_tuned_lrs(expand(load_preset("data-heterogeneity"), tasks=["sst2"], rules=["flora"]), lrs, root)
+
+
+def test_a_rule_tuned_as_another_takes_its_rate_unless_it_has_its_own(tmp_path):
+    from glora.experiments.grid.preset import PlannedRun
+
+    base = expand(load_preset("data-heterogeneity"), tasks=["sst2"], settings=["iid"], rules=["centralized"])[0]
+    steps = PlannedRun(base.config.replace(rule="centralized-steps"), base.labels, base.estimate_seconds)
+    lrs = {("sst2", "centralized"): 5e-3}
+    assert with_tuned_lrs([steps], lrs, tmp_path)[0].config.lr == 5e-3
+    lrs[("sst2", "centralized-steps")] = 2e-3
+    assert with_tuned_lrs([steps], lrs, tmp_path)[0].config.lr == 2e-3

@@ -17,7 +17,7 @@ from glora.aggregation.glora import GLoRA
 from glora.aggregation.hetlora import HetLoRA
 from glora.aggregation.options import typed_options
 from glora.aggregation.params import average_params
-from glora.aggregation.reference import Centralized, LocalOnly
+from glora.aggregation.reference import Centralized, CentralizedSteps, LocalOnly
 from glora.aggregation.rolora import RoLoRA
 
 RULES: dict[str, type[Rule]] = {
@@ -32,6 +32,7 @@ RULES: dict[str, type[Rule]] = {
     "rolora": RoLoRA,
     "florist": FLoRIST,
     "centralized": Centralized,
+    "centralized-steps": CentralizedSteps,
     "local": LocalOnly,
 }
 

@@ -94,8 +94,18 @@ class Rule(ABC):
     name: ClassVar[str]
     #: False for rules whose authors define them for equal client ranks only.
     accepts_unequal_ranks: ClassVar[bool] = True
-    #: True for the centralized reference: the loop pools every client's data into one client.
+    #: True for the centralized references: the loop pools every client's data into one client.
     pooled: ClassVar[bool] = False
+    #: A pooled rule's step budget a round: "federation" (the steps of every client sampled in
+    #: the round, so as many examples as the whole federation sees) or "client" (one client's
+    #: steps, so as many sequential optimizer steps as one client takes over the run).
+    pooled_budget: ClassVar[str] = "federation"
+    #: True for the reference points of a table (centralized, local), not server rules: reports
+    #: label them and leave them out of "the best federated rule".
+    reference: ClassVar[bool] = False
+    #: For ``--lr-per-rule``: the rule whose tuned rate this one takes where the tuning sweep has
+    #: no run of its own (None: it needs its own).
+    tuned_as: ClassVar[str | None] = None
     #: True where the rule's result is each client's own model (local-only, FedSA-LoRA):
     #: the loop then reports the mean of the clients' own models as the main metric.
     reports_personal: ClassVar[bool] = False

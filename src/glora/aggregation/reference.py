@@ -1,8 +1,11 @@
-"""The two reference points every table carries, as rules so that the same command runs them.
+"""The reference points every table carries, as rules so that the same command runs them.
 
 - ``centralized``: LoRA on the pooled training data of all clients (the upper reference).
-  The round loop pools the partition into one client that takes every client's steps,
-  so the step budget equals the federation's.
+  The round loop pools the partition into one client that takes every sampled client's
+  steps, so it sees as many examples as the whole federation.
+- ``centralized-steps``: the same pooled data at one client's step budget (``local_steps``
+  a round), so as many sequential optimizer steps as one client takes over the run: the
+  upper reference for the depth of training, where ``centralized`` is the one for its width.
 - ``local``: every client trains alone on its own data for all rounds and keeps its
   adapter and head (the lower reference); the metric is the mean over the clients' own
   models. The server state, the exact weighted mean of the local updates, is only
@@ -19,17 +22,29 @@ from glora.aggregation.glora import GLoRA
 
 
 class Centralized(FedIT):
-    """One client holding everyone's data: its update is aggregated exactly (K = 1)."""
+    """Pooled data at the examples the whole federation sees (every sampled client's steps)."""
 
     name = "centralized"
     pooled = True  # the loop pools every client into one of the largest rank, so any ranks run
+    reference = True
+
+
+class CentralizedSteps(Centralized):
+    """Pooled data at one client's sequential optimizer steps (``local_steps`` a round)."""
+
+    name = "centralized-steps"
+    pooled_budget = "client"
+    # The same optimisation on the same pooled data as ``centralized``, on a shorter budget: its
+    # rate is that reference's tuned rate (a rate tuned for this budget could score higher).
+    tuned_as = "centralized"
 
 
 class LocalOnly(GLoRA):
-    """No collaboration: nothing is sent, every factor and the head stay on the client."""
+    """No collaboration: each client trains alone and keeps its own model (the lower reference)."""
 
     name = "local"
     reports_personal = True
+    reference = True
 
     def __init__(self) -> None:
         # A server rank no client set can reach: the state is the exact mean, any ranks.

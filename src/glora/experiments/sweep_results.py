@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glora.aggregation import RULES
 from glora.federation.results import CONFIG, SUMMARY, RunStore, run_device
 
 INDEX = "sweep.json"
 ERROR = "error.txt"
 FINISHED, INTERRUPTED, FAILED, TODO = "finished", "interrupted", "failed", "to run"
-REFERENCES = ("centralized", "local")
+# The reference points of a table (not server rules), as the rules declare them.
+REFERENCES = tuple(name for name, rule in RULES.items() if rule.reference)
 
 
 def run_status(folder: Path) -> str:

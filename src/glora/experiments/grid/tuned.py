@@ -9,8 +9,9 @@ the validation split), in one of two ways:
   over seeds. Only rates at which every federated rule of the task finished count, so a
   half-done tuning sweep cannot pick a rate because its weak rules have not run yet;
 - per rule (``--lr-per-rule``, the protocol of results/sweeps/PROTOCOL.md): each (task, rule)
-  uses the rate of its own best seed-mean, among the rates at which all of its seeds
-  finished (references included: each is tuned like a rule).
+  uses the rate of its own best seed-mean, once every run of it (every rate, every seed) has
+  finished (references included: each is tuned like a rule; a rule that declares
+  ``tuned_as`` takes that rule's rate).
 
 Ties go to the smaller rate.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glora.experiments.sweep_results import REFERENCES, Results, load_results
+from glora.experiments.sweep_results import FINISHED, REFERENCES, Results, load_results
 
 
 def tuned_lrs(res: Results) -> dict[str, float]:
@@ -47,26 +48,36 @@ def tuned_lrs(res: Results) -> dict[str, float]:
 
 
 def tuned_lrs_per_rule(res: Results) -> dict[tuple[str, str], float]:
-    """{(task, rule): chosen learning rate} (see the module docstring, "per rule")."""
-    seeds: dict[tuple[str, str], set[int]] = {}
+    """{(task, rule): chosen learning rate} (see the module docstring, "per rule"). A (task,
+    rule) is tuned only once every run the sweep plans for it has finished (every rate, every
+    seed): a half-done rule would choose among the rates that happen to have run."""
     scores: dict[tuple[str, str], dict[float, list[float]]] = {}
-    for run in res.runs:
-        cfg = run.config or {}
-        if cfg:
-            seeds.setdefault((cfg["task"], cfg["rule"]), set()).add(int(cfg["seed"]))
     for run in _heldout(res.finished()):
         cfg = run.config
         value = (run.summary.get("final") or {}).get(run.summary["main_metric"])
         if value is not None:
             scores.setdefault((cfg["task"], cfg["rule"]), {}).setdefault(float(cfg["lr"]), []).append(value)
+    untuned = untuned_rules(res)
     out = {}
     for cell, by_lr in scores.items():
-        complete = {lr: float(np.mean(v)) for lr, v in by_lr.items() if len(v) == len(seeds[cell])}
-        if complete:
-            out[cell] = min(complete, key=lambda lr: (-complete[lr], lr))
+        if cell not in untuned:
+            means = {lr: float(np.mean(v)) for lr, v in by_lr.items()}
+            out[cell] = min(means, key=lambda lr: (-means[lr], lr))
     if not out:
-        raise ValueError("the tuning sweep has no rate with every seed finished yet: run it first")
+        raise ValueError("the tuning sweep has no rule with every run finished yet: run it first")
     return out
+
+
+def untuned_rules(res: Results) -> dict[tuple[str, str], str]:
+    """{(task, rule): how far its tuning is} for every (task, rule) of the sweep with a run
+    not finished yet."""
+    planned: dict[tuple[str, str], int] = {}
+    done: dict[tuple[str, str], int] = {}
+    for run in res.runs:
+        for cell in {(lab["task"], lab["rule"]) for lab in run.labels}:
+            planned[cell] = planned.get(cell, 0) + 1
+            done[cell] = done.get(cell, 0) + (run.status == FINISHED)
+    return {cell: f"{done[cell]} of {n} runs finished" for cell, n in planned.items() if done[cell] < n}
 
 
 def _heldout(runs: list) -> list:

@@ -16,6 +16,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from glora.aggregation import RULES
 from glora.experiments.render.cells import best_rules, fmt, md_table, metric_rows, rule_name
 from glora.experiments.render.comparisons import last_section, paired_section, versus_section
 from glora.experiments.statistics import (
@@ -28,8 +29,14 @@ from glora.experiments.statistics import (
     ranks_of,
     run_costs,
 )
-from glora.experiments.sweep_results import FINISHED, Results, Run, load_results
+from glora.experiments.sweep_results import FINISHED, REFERENCES, Results, Run, load_results
 from glora.files import atomic_write
+
+
+def _summary_line(rule: str) -> str:
+    """The first line of a rule's docstring, lower-cased and without its full stop."""
+    line = (RULES[rule].__doc__ or rule).strip().splitlines()[0].rstrip(".")
+    return line[0].lower() + line[1:]
 
 
 def _provenance(res: Results, runs: list[Run]) -> str:
@@ -102,9 +109,12 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
         "of seeds. **Bold**: the best federated rule of the column (references excluded; ties all bold, "
         "none where every federated rule has the same mean). "
         "† the mean of the clients' own models (a personalised rule), not one global model. "
-        "The centralized reference pools every client's data, so the partition and client ranks do not "
-        "apply to it: one run fills every column it shares."
+        "The centralized references pool every client's data, so the partition and client ranks do not "
+        "apply to them: one run fills every column it shares."
     )
+    refs = [r for r in res.axis("rules") if r in REFERENCES]
+    if refs:
+        out.append(" The references: " + "; ".join(f"`{r}`, {_summary_line(r)}" for r in refs) + ".")
     if any(
         mixes_devices(res, t, s, r) for t in res.axis("tasks") for s in res.axis("settings") for r in res.axis("rules")
     ):

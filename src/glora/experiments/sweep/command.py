@@ -11,30 +11,39 @@ from pathlib import Path
 
 from rich.console import Console
 
+from glora.aggregation import RULES
 from glora.experiments.grid.preset import PlannedRun, Preset, canonical, expand
-from glora.experiments.grid.tuned import tuned_lrs_from
+from glora.experiments.grid.tuned import tuned_lrs_from, untuned_rules
 from glora.experiments.sweep.runner import SweepOutcome, run_sweep
 from glora.experiments.sweep.time_left import print_plan
-from glora.experiments.sweep_results import FINISHED, run_status
+from glora.experiments.sweep_results import FINISHED, load_results, run_status
 from glora.federation.config import RunConfig
 from glora.federation.results import CONFIG
 
 
 def with_tuned_lrs(runs: list[PlannedRun], lrs: dict, source: Path) -> list[PlannedRun]:
     """The runs with the tuned learning rate of their task ({task: lr}) or of their task and
-    rule ({(task, rule): lr}); ValueError for a task or rule the tuning lacks."""
+    rule ({(task, rule): lr}; a rule the tuning lacks takes the rate of the rule it declares
+    ``tuned_as``); ValueError for a task or rule the tuning lacks."""
     per_rule = any(isinstance(k, tuple) for k in lrs)
 
     def key(run: PlannedRun):
-        return (run.config.task, run.config.rule) if per_rule else run.config.task
+        if not per_rule:
+            return run.config.task
+        cell = (run.config.task, run.config.rule)
+        stand_in = RULES[run.config.rule].tuned_as
+        return (run.config.task, stand_in) if cell not in lrs and stand_in else cell
 
     missing = sorted({key(r) for r in runs} - set(lrs), key=str)
     if missing:
         tuned = ", ".join("/".join(k) if isinstance(k, tuple) else k for k in sorted(lrs, key=str))
-        names = ", ".join("/".join(k) if isinstance(k, tuple) else k for k in missing)
+        progress = untuned_rules(load_results(source)) if per_rule else {}
+        names = ", ".join(
+            "/".join(k) + (f" ({progress[k]})" if k in progress else "") if isinstance(k, tuple) else k for k in missing
+        )
         raise ValueError(
             f"--lr-from {source} has no tuned learning rate for {names} (it tuned {tuned or 'nothing'}); tune "
-            "those too or leave them out with --only-tasks / --only-rules"
+            "those too (or let their tuning runs finish) or leave them out with --only-tasks / --only-rules"
         )
     for run in runs:
         run.config = run.config.replace(lr=lrs[key(run)])
