@@ -386,6 +386,9 @@ def test_estimate_by_hand():
     # The centralized reference pools everything into one client of the largest rank: one model to evaluate.
     central = cfg.replace(rule="centralized")
     assert estimate_seconds(central, cost) == pytest.approx(10 * (40 + 1) + 2 * 1 * 872 * 0.004 + 20)
+    # At one client's budget it trains for one client's steps a round.
+    steps = cfg.replace(rule="centralized-steps")
+    assert estimate_seconds(steps, cost) == pytest.approx(10 * (4 + 1) + 2 * 1 * 872 * 0.004 + 20)
     # Sparse participation: 5 of 50 clients a round, twice the rounds, the same local steps in all.
     sparse = cfg.replace(clients=50, fraction=0.1, rounds=20, ranks="8", eval_every=10)
     assert estimate_seconds(sparse, cost) == pytest.approx(20 * (20 + 1) + 2 * 872 * 0.004 + 20)

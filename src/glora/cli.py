@@ -227,6 +227,40 @@ def report(
     Console().print(f"wrote {len(written)} files: {written['report.md']}, {written['report.csv']}")
 
 
+@app.command()
+def budget(
+    results_dir: Path = typer.Argument(..., help="The --results folder of a finished pilot sweep (budget-pilot)."),
+    tolerance: float = typer.Option(0.01, help="How close the score at R must be to the score at 2R (0.01: 1 point)."),
+    candidates: str = typer.Option(
+        "", help="Candidate budgets R, comma-separated. [default: the first evaluated round, doubled]"
+    ),
+) -> None:
+    """The round budget a pilot sweep gives: the smallest R at which every rule's seed-mean
+    score is within TOLERANCE of its score at 2R. Reads the runs, writes nothing."""
+    from rich.console import Console
+
+    from glora.experiments.budget import budget_markdown, pilot_budget
+    from glora.experiments.sweep_results import load_results
+
+    try:
+        res = load_results(results_dir)
+        rounds = _whole_numbers(candidates, "--candidates") or None
+        tasks = sorted({lab["task"] for r in res.runs for lab in r.labels})
+        texts = [budget_markdown(pilot_budget(res, task, tolerance, rounds)) for task in tasks]
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    print("\n".join(texts), end="")
+
+
+def _whole_numbers(text: str, option: str) -> list[int]:
+    """Comma-separated positive whole numbers; ValueError naming ``option`` otherwise."""
+    parts = [c.strip() for c in text.split(",") if c.strip()]
+    if not all(c.isdigit() and int(c) > 0 for c in parts):
+        raise ValueError(f"{option} takes positive whole numbers, comma-separated (e.g. 10,20,40), not {text!r}")
+    return [int(c) for c in parts]
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context) -> None:
     """Server cost of every aggregation rule: time, memory and traffic of one round, written

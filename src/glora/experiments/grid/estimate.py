@@ -68,8 +68,10 @@ def estimate_seconds(cfg: RunConfig, cost: CostModel) -> float:
         steps = math.ceil(cfg.local_epochs * n_train / cfg.clients / cfg.batch_size)
     else:
         steps = cfg.local_steps
-    # The centralized reference trains one client for every sampled client's steps: the same total.
-    train = cfg.rounds * (per_round * steps * cost.get("step_seconds", task) + cost.get("round_seconds", task))
+    # A pooled reference trains one client for every sampled client's steps (the same total) or,
+    # at a client's budget, for one client's.
+    trained = 1 if rule.pooled and rule.pooled_budget == "client" else per_round
+    train = cfg.rounds * (trained * steps * cost.get("step_seconds", task) + cost.get("round_seconds", task))
     n_eval = cost.get("eval_examples", task) if cfg.eval_split == "validation" else cfg.heldout_examples
     if cfg.max_eval_examples is not None:
         n_eval = min(n_eval, cfg.max_eval_examples)
