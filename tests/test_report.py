@@ -334,3 +334,25 @@ def test_the_gate_names_a_table_that_cannot_rank_and_ranks_nothing_in_it():
     assert passes is False and "not informative" in words and "fedit 0.0000" in words
     cola = markdown(res, {}).split("## cola")[1].split("\n## ")[0]
     assert "**" not in cola.split("| rule |")[1].split("\n\n")[0]  # no cell bolded as best
+
+
+def test_rules_at_the_majority_class_are_named_in_words():
+    """The old protocol's tables: on CoLA every federated rule sits at MCC 0 (the majority
+    class's score) in every setting; on SST-2 under IID none does, at alpha 0.1 several."""
+    from pathlib import Path
+
+    from glora.experiments.render.report import markdown
+    from glora.experiments.statistics import at_majority, final_stat, majority_score
+    from glora.experiments.sweep_results import load_results
+
+    res = load_results(Path(__file__).resolve().parents[1] / "results" / "sweeps" / "data-heterogeneity")
+    assert at_majority(res, "sst2", "iid", "accuracy") == []
+    low = at_majority(res, "sst2", "alpha-0.1", "accuracy")
+    majority = majority_score(res, "sst2", "alpha-0.1", "accuracy")
+    for rule in res.axis("rules"):
+        stat = final_stat(res, "sst2", "alpha-0.1", rule, "accuracy")
+        assert (rule in low) == (abs(stat.mean - majority) <= 0.01)
+    assert "centralized" not in low and "ffa-lora" in low
+    assert "fedit" in at_majority(res, "cola", "iid", "matthews_correlation")
+    md = markdown(res, {})
+    assert f"alpha-0.1: {', '.join(low)}" in md.split("## sst2")[1].split("\n## ")[0]

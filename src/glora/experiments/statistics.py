@@ -178,3 +178,23 @@ def majority_score(res: Results, task: str, setting: str, metric: str) -> float 
     labels = np.array([r["label"] for r in rows][: cfg.get("max_eval_examples") or None])
     majority = np.bincount(labels).argmax()
     return compute_metrics(spec, np.full(len(labels), majority), labels).get(metric)
+
+
+# How close to the majority class's score a cell's seed-mean may sit and still be said to
+# predict (nearly) nothing but the prior: 1 point of accuracy, 0.01 of a correlation.
+AT_MAJORITY = 0.01
+
+
+def at_majority(res: Results, task: str, setting: str, metric: str) -> list[str] | None:
+    """The rules of a cell whose seed-mean final ``metric`` is within :data:`AT_MAJORITY` of
+    the majority class's score (:func:`majority_score`), in axis order; None where that score
+    cannot be computed here."""
+    majority = majority_score(res, task, setting, metric)
+    if majority is None:
+        return None
+    out = []
+    for rule in res.axis("rules"):
+        stat = final_stat(res, task, setting, rule, metric)
+        if stat is not None and abs(stat.mean - majority) <= AT_MAJORITY + 1e-9:
+            out.append(rule)
+    return out

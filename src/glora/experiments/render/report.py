@@ -20,7 +20,9 @@ from glora.aggregation import RULES
 from glora.experiments.render.cells import best_rules, fmt, md_table, metric_rows, rule_name
 from glora.experiments.render.comparisons import last_section, paired_section, versus_section
 from glora.experiments.statistics import (
+    AT_MAJORITY,
     Stat,
+    at_majority,
     compute_seconds,
     cost_stats,
     final_stat,
@@ -132,6 +134,7 @@ def markdown(res: Results, plots: dict[str, str], last: int = 1) -> str:
         out.append(f"\nSanity gate (results/sweeps/PROTOCOL.md): {verdict}.\n\n")
         rows = metric_rows(res, task, settings, res.axis("rules"), metric, rank=passes is not False)
         out.append(md_table(["rule", *settings], rows))
+        out.append(_majority_text(res, task, settings, metric))
         if f"final/{task}" in plots:
             out.append(f"\n![final {metric} on {task}]({plots[f'final/{task}']})\n")
         for setting in settings:
@@ -191,6 +194,17 @@ def gate(res: Results, task: str) -> tuple[bool | None, str]:
     passes = all(p for p, _ in checked)
     words = "informative" if passes else "**not informative**: no rule is ranked in this task's tables"
     return passes, f"{words} ({'; '.join(text for _, text in checked)})"
+
+
+def _majority_text(res: Results, task: str, settings: list[str], metric: str) -> str:
+    """The rules that sit at the majority class, named per setting (their curves would hide
+    behind one another on the plots)."""
+    found = {s: at_majority(res, task, s, metric) for s in settings}
+    if all(v is None for v in found.values()):
+        return "\nThe majority class's score cannot be computed here: no rule is checked against it.\n"
+    named = [f"{s}: {', '.join(rules)}" for s, rules in found.items() if rules]
+    head = f"\nAt the majority class (seed-mean {metric} within {AT_MAJORITY:g} of its score): "
+    return head + ("; ".join(named) if named else "no rule in any setting") + ".\n"
 
 
 def _rank_rows(res: Results, task: str, setting: str, ranks: list[str], metric: str) -> list[list[str]]:
