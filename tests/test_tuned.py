@@ -127,3 +127,22 @@ def test_a_rule_tuned_as_another_takes_its_rate_unless_it_has_its_own(tmp_path):
     assert with_tuned_lrs([steps], lrs, tmp_path)[0].config.lr == 5e-3
     lrs[("sst2", "centralized-steps")] = 2e-3
     assert with_tuned_lrs([steps], lrs, tmp_path)[0].config.lr == 2e-3
+
+
+def test_a_stale_plan_of_a_cell_a_newer_run_filled_does_not_hold_the_rule_back(tmp_path):
+    """An index keeps the runs older code planned: HetLoRA's default changed, so its cells got
+    new identities and the old ones stay listed, never run."""
+    from glora.experiments.grid.tuned import tuned_lrs_per_rule, untuned_rules
+    from glora.experiments.sweep_results import load_results
+
+    root = _sweep(
+        tmp_path / "t",
+        [
+            ("sst2", "hetlora", 1e-3, 0, 0.70),
+            ("sst2", "hetlora", 2e-3, 0, 0.80),
+            ("sst2", "hetlora", 1e-3, 0, None),  # the old plan of the same cell, never run
+        ],
+    )
+    res = load_results(root)
+    assert untuned_rules(res) == {}
+    assert tuned_lrs_per_rule(res) == {("sst2", "hetlora"): 2e-3}

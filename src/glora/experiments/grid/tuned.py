@@ -69,15 +69,23 @@ def tuned_lrs_per_rule(res: Results) -> dict[tuple[str, str], float]:
 
 
 def untuned_rules(res: Results) -> dict[tuple[str, str], str]:
-    """{(task, rule): how far its tuning is} for every (task, rule) of the sweep with a run
-    not finished yet."""
-    planned: dict[tuple[str, str], int] = {}
-    done: dict[tuple[str, str], int] = {}
+    """{(task, rule): how far its tuning is} for every (task, rule) of the sweep with a grid cell
+    (a rate and a seed) that no finished run fills yet. Cells, not runs, are counted: an index
+    that still lists a run planned by an older version of the code for a cell that a newer run
+    has filled does not hold the rule back."""
+    planned: dict[tuple[str, str], set[tuple[str, int]]] = {}
+    filled: dict[tuple[str, str], set[tuple[str, int]]] = {}
     for run in res.runs:
-        for cell in {(lab["task"], lab["rule"]) for lab in run.labels}:
-            planned[cell] = planned.get(cell, 0) + 1
-            done[cell] = done.get(cell, 0) + (run.status == FINISHED)
-    return {cell: f"{done[cell]} of {n} runs finished" for cell, n in planned.items() if done[cell] < n}
+        for lab in run.labels:
+            key, cell = (lab["task"], lab["rule"]), (lab["setting"], lab["seed"])
+            planned.setdefault(key, set()).add(cell)
+            if run.status == FINISHED:
+                filled.setdefault(key, set()).add(cell)
+    return {
+        key: f"{len(filled.get(key, ()))} of {len(cells)} runs finished"
+        for key, cells in planned.items()
+        if len(filled.get(key, ())) < len(cells)
+    }
 
 
 def _heldout(runs: list) -> list:
