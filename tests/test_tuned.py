@@ -146,3 +146,28 @@ def test_a_stale_plan_of_a_cell_a_newer_run_filled_does_not_hold_the_rule_back(t
     res = load_results(root)
     assert untuned_rules(res) == {}
     assert tuned_lrs_per_rule(res) == {("sst2", "hetlora"): 2e-3}
+
+
+def test_a_task_a_preset_points_at_another_takes_that_tasks_rates(tmp_path):
+    from glora.experiments.grid.preset import parse_preset
+
+    data = {
+        "rules": ["glora", "fedit"],
+        "seeds": [0],
+        "base": {"clients": 3, "ranks": "8", "rounds": 1, "local_steps": 1},
+        "tasks": {"sst2": {}, "cola": {"lr_task": "sst2"}},
+        "settings": {"iid": {"alpha": "iid"}},
+    }
+    preset = parse_preset(data, "test")
+    assert preset.lr_tasks == {"cola": "sst2"} and preset.tasks["cola"] == {}
+    lrs = {("sst2", "glora"): 2e-3, ("sst2", "fedit"): 5e-4}
+    runs = with_tuned_lrs(expand(preset), lrs, tmp_path, preset.lr_tasks)
+    assert {(r.config.task, r.config.rule, r.config.lr) for r in runs} == {
+        ("sst2", "glora", 2e-3),
+        ("sst2", "fedit", 5e-4),
+        ("cola", "glora", 2e-3),
+        ("cola", "fedit", 5e-4),
+    }
+    # Without the pointer, CoLA has no tuned rate: refused, naming it.
+    with pytest.raises(ValueError, match="no tuned learning rate for cola/fedit, cola/glora"):
+        with_tuned_lrs(expand(preset), lrs, tmp_path)

@@ -12,7 +12,9 @@ the same shape can be given by path. Keys of a preset file::
     rules = [...]                # every rule runs in every setting, unless a setting says otherwise
     seeds = [0, 1, 2]
     [base]                       # RunConfig fields shared by every run
-    [tasks.<task>]               # a task of the grid and its overrides (may be empty)
+    [tasks.<task>]               # a task of the grid and its overrides (may be empty), plus one
+                                 #   optional key: lr_task = "<task>" (with --lr-from, this task
+                                 #   takes the rates the tuning sweep chose for that task)
     [settings.<label>]           # a setting: RunConfig overrides, plus three optional keys:
                                  #   rules = [...] (only these rules in this setting), note = "...",
                                  #   versus = "<setting>" (a variant of that setting: the report
@@ -63,6 +65,8 @@ class Preset:
     seeds: tuple[int, ...]
     rule_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     cost: CostModel = field(default_factory=CostModel)
+    # {task: the task whose tuned rates it takes under --lr-from}, where it is not its own.
+    lr_tasks: dict[str, str] = field(default_factory=dict)
 
     def all_rules(self) -> tuple[str, ...]:
         """Every rule of the grid, in the preset's order (preset rules first, then settings')."""
@@ -152,17 +156,20 @@ def parse_preset(data: dict[str, Any], source: str, default_name: str = "preset"
     seeds = tuple(data["seeds"])
     if not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"preset {source}: seeds must be integers, got {list(seeds)}")
+    tasks = {t: dict(v) for t, v in data["tasks"].items()}
+    lr_tasks = {t: body.pop("lr_task") for t, body in tasks.items() if "lr_task" in body}
     return Preset(
         name=data.get("name", default_name),
         description=data.get("description", ""),
         source=source,
         base=dict(data.get("base", {})),
-        tasks={t: dict(v) for t, v in data["tasks"].items()},
+        tasks=tasks,
         settings=settings,
         rules=rules,
         seeds=seeds,
         rule_options={r: dict(v) for r, v in data.get("rule_options", {}).items()},
         cost=CostModel.from_dict(data.get("cost", {}), source),
+        lr_tasks=lr_tasks,
     )
 
 

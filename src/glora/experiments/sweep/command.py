@@ -21,23 +21,27 @@ from glora.federation.config import RunConfig
 from glora.federation.results import CONFIG
 
 
-def with_tuned_lrs(runs: list[PlannedRun], lrs: dict, source: Path) -> list[PlannedRun]:
+def with_tuned_lrs(
+    runs: list[PlannedRun], lrs: dict, source: Path, lr_tasks: dict[str, str] | None = None
+) -> list[PlannedRun]:
     """The runs with the tuned learning rate of their task ({task: lr}) or of their task and
     rule ({(task, rule): lr}; a rule the tuning lacks takes the rate of the rule it declares
-    ``tuned_as``); ValueError for a task or rule the tuning lacks."""
+    ``tuned_as``); a task named in ``lr_tasks`` (the preset's ``lr_task``) takes the rates of
+    the task it names. ValueError for a task or rule the tuning lacks."""
     per_rule = any(isinstance(k, tuple) for k in lrs)
 
     def key(run: PlannedRun):
+        task = (lr_tasks or {}).get(run.config.task, run.config.task)
         if not per_rule:
-            return run.config.task
-        cell = (run.config.task, run.config.rule)
+            return task
+        cell = (task, run.config.rule)
         stand_in = RULES[run.config.rule].tuned_as
-        return (run.config.task, stand_in) if cell not in lrs and stand_in else cell
+        return (task, stand_in) if cell not in lrs and stand_in else cell
 
     missing = sorted({key(r) for r in runs} - set(lrs), key=str)
     if missing:
         tuned = ", ".join("/".join(k) if isinstance(k, tuple) else k for k in sorted(lrs, key=str))
-        progress = untuned_rules(load_results(source)) if per_rule else {}
+        progress = _tuning_progress(source) if per_rule else {}
         names = ", ".join(
             "/".join(k) + (f" ({progress[k]})" if k in progress else "") if isinstance(k, tuple) else k for k in missing
         )
@@ -48,6 +52,14 @@ def with_tuned_lrs(runs: list[PlannedRun], lrs: dict, source: Path) -> list[Plan
     for run in runs:
         run.config = run.config.replace(lr=lrs[key(run)])
     return runs
+
+
+def _tuning_progress(source: Path) -> dict[tuple[str, str], str]:
+    """How far each untuned rule of the tuning sweep in ``source`` is ({} where it cannot be read)."""
+    try:
+        return untuned_rules(load_results(source))
+    except ValueError:
+        return {}
 
 
 def finished_runs(source: Path) -> dict[str, Path]:
@@ -122,7 +134,7 @@ def sweep_command(
     run."""
     runs = expand(preset, seeds=seeds, rules=rules, tasks=tasks, settings=settings)
     if lr_from is not None:
-        runs = with_tuned_lrs(runs, tuned_lrs_from(lr_from, per_rule=lr_per_rule), lr_from)
+        runs = with_tuned_lrs(runs, tuned_lrs_from(lr_from, per_rule=lr_per_rule), lr_from, preset.lr_tasks)
     if threads is not None:
         # Threads are not part of a run's identity: they change its speed, not its result.
         for run in runs:
