@@ -171,3 +171,34 @@ def test_a_task_a_preset_points_at_another_takes_that_tasks_rates(tmp_path):
     # Without the pointer, CoLA has no tuned rate: refused, naming it.
     with pytest.raises(ValueError, match="no tuned learning rate for cola/fedit, cola/glora"):
         with_tuned_lrs(expand(preset), lrs, tmp_path)
+
+
+def test_the_rate_table_shows_every_rate_the_choice_and_the_rules_still_tuning(tmp_path):
+    from typer.testing import CliRunner
+
+    from glora.cli import app
+
+    root = _sweep(
+        tmp_path / "t",
+        [
+            ("sst2", "glora", 1e-3, 0, 0.70),
+            ("sst2", "glora", 1e-3, 1, 0.72),
+            ("sst2", "glora", 2e-3, 0, 0.80),
+            ("sst2", "glora", 2e-3, 1, 0.78),
+            ("sst2", "glora", 5e-3, 0, 0.60),
+            ("sst2", "glora", 5e-3, 1, 0.62),
+            ("sst2", "fedit", 1e-3, 0, 0.75),
+            ("sst2", "fedit", 5e-3, 0, 0.85),
+            ("sst2", "flora", 1e-3, 0, 0.70),
+            ("sst2", "flora", 5e-3, 0, None),
+        ],
+    )
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["rates", str(root)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "| task | rule | 0.001 | 0.002 | 0.005 | chosen |"
+    assert "| sst2 | glora | 0.7100 (2) | 0.7900 (2) | 0.6100 (2) | **0.002** |" in lines
+    assert "| sst2 | fedit | 0.7500 (1) |  | 0.8500 (1) | **0.005** (the largest rate tried) |" in lines
+    assert "| sst2 | flora | 0.7000 (1) |  |  | not yet: 1 of 2 runs finished |" in lines
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

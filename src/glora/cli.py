@@ -253,6 +253,26 @@ def budget(
     print("\n".join(texts), end="")
 
 
+@app.command()
+def rates(
+    results_dir: Path = typer.Argument(..., help="The --results folder of a tuning sweep (e.g. lr-tuning-rules)."),
+) -> None:
+    """Each rule's held-out score at every learning rate of a tuning sweep (seed-mean, n seeds)
+    and the rate `glora sweep --lr-from RESULTS_DIR --lr-per-rule` gives it, as a markdown
+    table. Reads the runs, writes nothing."""
+    from rich.console import Console
+
+    from glora.experiments.grid.tuned import rate_table
+    from glora.experiments.sweep_results import load_results
+
+    try:
+        text = rate_table(load_results(results_dir))
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    print(text, end="")
+
+
 def _whole_numbers(text: str, option: str) -> list[int]:
     """Comma-separated positive whole numbers; ValueError naming ``option`` otherwise."""
     parts = [c.strip() for c in text.split(",") if c.strip()]

@@ -51,21 +51,63 @@ def tuned_lrs_per_rule(res: Results) -> dict[tuple[str, str], float]:
     """{(task, rule): chosen learning rate} (see the module docstring, "per rule"). A (task,
     rule) is tuned only once every run the sweep plans for it has finished (every rate, every
     seed): a half-done rule would choose among the rates that happen to have run."""
-    scores: dict[tuple[str, str], dict[float, list[float]]] = {}
-    for run in _heldout(res.finished()):
-        cfg = run.config
-        value = (run.summary.get("final") or {}).get(run.summary["main_metric"])
-        if value is not None:
-            scores.setdefault((cfg["task"], cfg["rule"]), {}).setdefault(float(cfg["lr"]), []).append(value)
     untuned = untuned_rules(res)
     out = {}
-    for cell, by_lr in scores.items():
+    for cell, by_lr in rule_scores(res).items():
         if cell not in untuned:
             means = {lr: float(np.mean(v)) for lr, v in by_lr.items()}
             out[cell] = min(means, key=lambda lr: (-means[lr], lr))
     if not out:
         raise ValueError("the tuning sweep has no rule with every run finished yet: run it first")
     return out
+
+
+def rule_scores(res: Results) -> dict[tuple[str, str], dict[float, list[float]]]:
+    """{(task, rule): {rate: the final main metric of each finished seed}} of a tuning sweep."""
+    scores: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for run in _heldout(res.finished()):
+        cfg = run.config
+        value = (run.summary.get("final") or {}).get(run.summary["main_metric"])
+        if value is not None:
+            scores.setdefault((cfg["task"], cfg["rule"]), {}).setdefault(float(cfg["lr"]), []).append(value)
+    return scores
+
+
+def rate_table(res: Results) -> str:
+    """Markdown: each (task, rule)'s seed-mean held-out score at every rate (n seeds) and the
+    rate ``--lr-per-rule`` takes, or how far a rule still tuning is. A rate at the edge of the
+    grid is marked: the best rate may lie beyond it."""
+    scores, untuned = rule_scores(res), untuned_rules(res)
+    chosen = tuned_lrs_per_rule(res) if set(scores) - set(untuned) else {}
+    rates = sorted({lr for by_lr in scores.values() for lr in by_lr})
+    lines = [
+        "| task | rule | " + " | ".join(f"{lr:g}" for lr in rates) + " | chosen |",
+        "| --- | --- | " + " | ".join("---:" for _ in rates) + " | --- |",
+    ]
+    cells = sorted(set(scores) | set(untuned), key=lambda c: (c[0], _order(res, c[1])))
+    for task, rule in cells:
+        by_lr = scores.get((task, rule), {})
+        shown = [f"{np.mean(by_lr[lr]):.4f} ({len(by_lr[lr])})" if lr in by_lr else "" for lr in rates]
+        if (task, rule) in chosen:
+            pick = f"**{chosen[task, rule]:g}**{_edge(chosen[task, rule], sorted(by_lr))}"
+        else:
+            pick = f"not yet: {untuned[task, rule]}"
+        lines.append(f"| {task} | {rule} | " + " | ".join(shown) + f" | {pick} |")
+    return "\n".join(lines) + "\n"
+
+
+def _edge(lr: float, tried: list[float]) -> str:
+    """Words for a chosen rate at the edge of the rates tried (the best may lie beyond)."""
+    if len(tried) > 1 and lr == tried[-1]:
+        return " (the largest rate tried)"
+    if len(tried) > 1 and lr == tried[0]:
+        return " (the smallest rate tried)"
+    return ""
+
+
+def _order(res: Results, rule: str) -> int:
+    rules = list(res.index.get("axes", {}).get("rules", []))
+    return rules.index(rule) if rule in rules else len(rules)
 
 
 def untuned_rules(res: Results) -> dict[tuple[str, str], str]:
