@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from glora.aggregation import RULES, get_rule
+from glora.aggregation import get_rule
 from glora.experiments.sweep_results import REFERENCES
 from glora.federation import client as client_module
 from glora.federation.config import RunConfig
@@ -33,16 +33,24 @@ def test_under_local_epochs_the_client_budget_is_a_mean_clients_epochs():
     assert client_steps(cfg, get_rule("centralized"), 5_000) == 625  # ceil(2 * 5000 / 16)
 
 
-def test_a_budget_the_loop_does_not_know_is_refused():
-    rule = get_rule("centralized")
-    rule.pooled_budget = "clients"
-    with pytest.raises(ValueError, match="pooled_budget is 'federation' or 'client'"):
-        client_steps(CFG, rule, 100)
+def test_a_budget_the_loop_does_not_know_is_refused_when_the_rule_is_defined():
+    from glora.aggregation.reference import Centralized
+
+    with pytest.raises(TypeError, match="pooled_budget is 'federation' or 'client', not 'clients'"):
+        type("Typo", (Centralized,), {"name": "typo", "pooled_budget": "clients"})
 
 
-def test_the_references_are_what_the_rules_declare():
+def test_the_references_are_the_rules_that_declare_themselves_so():
     assert set(REFERENCES) == {"centralized", "centralized-steps", "local"}
-    assert all(RULES[name].reference for name in REFERENCES)
+
+
+def test_the_sampled_fraction_is_no_part_of_a_client_budget_references_identity():
+    from glora.experiments.grid.preset import canonical
+
+    steps = RunConfig(task="sst2", rule="centralized-steps", clients=50, alpha=0.5, ranks="2,8")
+    assert canonical(steps.replace(fraction=0.1)).identity() == canonical(steps).identity()
+    wide = steps.replace(rule="centralized")
+    assert canonical(wide.replace(fraction=0.1)).identity() != canonical(wide).identity()
 
 
 @pytest.mark.parametrize("rule, steps", [("centralized", 3 * 2), ("centralized-steps", 2)])

@@ -356,3 +356,24 @@ def test_rules_at_the_majority_class_are_named_in_words():
     assert "fedit" in at_majority(res, "cola", "iid", "matthews_correlation")
     md = markdown(res, {})
     assert f"alpha-0.1: {', '.join(low)}" in md.split("## sst2")[1].split("\n## ")[0]
+
+
+def test_a_regressions_chance_line_is_the_constant_predictions_correlation(tmp_path):
+    """STS-B has no majority class: always predicting the mean label scores Pearson 0 by the
+    runs' own metric code, and a rule near 0 is named as sitting there."""
+    from glora.experiments.statistics import at_majority, majority_score
+    from glora.experiments.sweep_results import load_results
+
+    root = tmp_path / "stsb"
+    index = {"axes": {"tasks": ["stsb"], "settings": ["iid"], "rules": ["fedit", "centralized"]}, "runs": {}}
+    for identity, rule, pearson in (("a", "fedit", 0.004), ("b", "centralized", 0.8)):
+        folder = root / identity
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"task": "stsb", "rule": rule, "eval_split": "validation"}))
+        (folder / "metrics.jsonl").write_text("")
+        (folder / "summary.json").write_text(json.dumps({"final": {"pearson": pearson}, "main_metric": "pearson"}))
+        index["runs"][identity] = {"labels": [{"task": "stsb", "setting": "iid", "rule": rule, "seed": 0}]}
+    (root / "sweep.json").write_text(json.dumps(index))
+    res = load_results(root)
+    assert majority_score(res, "stsb", "iid", "pearson") == 0.0
+    assert at_majority(res, "stsb", "iid", "pearson") == ["fedit"]

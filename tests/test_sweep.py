@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from glora.aggregation import RULES
 from glora.cli import app
 from glora.experiments.grid.estimate import CostModel, estimate_seconds
 from glora.experiments.grid.preset import expand, load_preset, packaged_presets
@@ -23,6 +24,7 @@ from glora.experiments.sweep.runner import run_sweep
 from glora.experiments.sweep.time_left import TimeLeft, print_plan
 from glora.experiments.sweep_results import ERROR, INDEX, load_results, run_status
 from glora.federation.config import RunConfig
+from glora.federation.engine import client_steps
 from glora.federation.results import SUMMARY, RunStore, run_device
 
 GRID = """
@@ -389,6 +391,11 @@ def test_estimate_by_hand():
     # At one client's budget it trains for one client's steps a round.
     steps = cfg.replace(rule="centralized-steps")
     assert estimate_seconds(steps, cost) == pytest.approx(10 * (4 + 1) + 2 * 1 * 872 * 0.004 + 20)
+    # Under local epochs the pooled client takes epochs over all the pooled data, whatever the
+    # fraction sampled (as federation.engine.client_steps counts them): 3,200 / 32 = 100 steps.
+    epochs = central.replace(fraction=0.5, local_epochs=1.0, max_train_examples=3200, rounds=2, eval_every=2)
+    assert client_steps(epochs, RULES["centralized"](), 3200) == 100
+    assert estimate_seconds(epochs, cost) == pytest.approx(2 * (100 * 0.4 + 1) + 1 * 872 * 0.004 + 20)
     # Sparse participation: 5 of 50 clients a round, twice the rounds, the same local steps in all.
     sparse = cfg.replace(clients=50, fraction=0.1, rounds=20, ranks="8", eval_every=10)
     assert estimate_seconds(sparse, cost) == pytest.approx(20 * (20 + 1) + 2 * 872 * 0.004 + 20)

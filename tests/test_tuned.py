@@ -202,3 +202,36 @@ def test_the_rate_table_shows_every_rate_the_choice_and_the_rules_still_tuning(t
     assert "| sst2 | fedit | 0.7500 (1) |  | 0.8500 (1) | **0.005** (the largest rate tried) |" in lines
     assert "| sst2 | flora | 0.7000 (1) |  |  | not yet: 1 of 2 runs finished |" in lines
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_a_rule_tuned_as_another_waits_for_its_own_tuning_where_the_sweep_has_it(tmp_path):
+    from glora.experiments.grid.preset import PlannedRun
+    from glora.experiments.grid.tuned import tuned_lrs_per_rule
+    from glora.experiments.sweep_results import load_results
+
+    root = _sweep(
+        tmp_path / "t",
+        [
+            ("sst2", "centralized", 1e-3, 0, 0.80),
+            ("sst2", "centralized-steps", 1e-3, 0, 0.70),
+            ("sst2", "centralized-steps", 2e-3, 0, None),  # still running
+        ],
+    )
+    lrs = tuned_lrs_per_rule(load_results(root))
+    base = expand(load_preset("data-heterogeneity"), tasks=["sst2"], settings=["iid"], rules=["centralized"])[0]
+    steps = PlannedRun(base.config.replace(rule="centralized-steps"), base.labels, base.estimate_seconds)
+    with pytest.raises(ValueError, match=r"sst2/centralized-steps \(1 of 2 runs finished\)"):
+        with_tuned_lrs([steps], lrs, root)
+
+
+def test_a_rule_of_the_sweeps_axes_with_no_run_indexed_is_listed_as_untuned(tmp_path):
+    from glora.experiments.grid.tuned import rate_table, untuned_rules
+    from glora.experiments.sweep_results import load_results
+
+    root = _sweep(tmp_path / "t", [("sst2", "glora", 1e-3, 0, 0.70)])
+    index = json.loads((root / "sweep.json").read_text())
+    index["axes"].update(tasks=["sst2"], rules=["glora", "hetlora"])  # a sweep run with --only-rules glora
+    (root / "sweep.json").write_text(json.dumps(index))
+    res = load_results(root)
+    assert untuned_rules(res) == {("sst2", "hetlora"): "no run of it in the sweep yet"}
+    assert "| sst2 | hetlora |  | not yet: no run of it in the sweep yet |" in rate_table(res)

@@ -239,14 +239,13 @@ def budget(
     score is within TOLERANCE of its score at 2R. Reads the runs, writes nothing."""
     from rich.console import Console
 
-    from glora.experiments.budget import budget_markdown, pilot_budget
+    from glora.experiments.budget import budget_markdown, pilot_budgets
     from glora.experiments.sweep_results import load_results
 
     try:
         res = load_results(results_dir)
         rounds = _whole_numbers(candidates, "--candidates") or None
-        tasks = sorted({lab["task"] for r in res.runs for lab in r.labels})
-        texts = [budget_markdown(pilot_budget(res, task, tolerance, rounds)) for task in tasks]
+        texts = [budget_markdown(b) for b in pilot_budgets(res, tolerance, rounds)]
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

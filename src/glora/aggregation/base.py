@@ -112,6 +112,11 @@ class Rule(ABC):
     # Whether clients may cut their own rank (:meth:`pruned_rank` below their adapter's).
     prunes: bool = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.pooled_budget not in ("federation", "client"):
+            raise TypeError(f"{cls.__name__}.pooled_budget is 'federation' or 'client', not {cls.pooled_budget!r}")
+
     def client_plan(self, server_round: int) -> ClientPlan:
         """What clients do in ``server_round`` (1-based). Default: train and send B and A."""
         return ClientPlan()

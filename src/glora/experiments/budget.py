@@ -40,9 +40,11 @@ class Check:
 
 @dataclass(frozen=True)
 class Budget:
-    """The pilot's checks of one task and the budget they give (None: no candidate passed)."""
+    """The pilot's checks of one task and setting, and the budget they give (None: no
+    candidate passed)."""
 
     task: str
+    setting: str
     metric: str
     tolerance: float
     checks: list[Check]
@@ -53,18 +55,27 @@ class Budget:
         return sorted({c.rounds for c in self.checks})
 
 
-def pilot_budget(res: Results, task: str, tolerance: float = 0.01, candidates: list[int] | None = None) -> Budget:
-    """The budget of ``task`` from a finished pilot sweep (see the module docstring). Every run
-    the sweep plans for the task must have finished, and all of a task's runs must share their
+def pilot_budget(
+    res: Results, task: str, setting: str, tolerance: float = 0.01, candidates: list[int] | None = None
+) -> Budget:
+    """The budget of one (task, setting) of a finished pilot sweep (see the module docstring).
+    Every run the sweep plans for it must have finished, and all of them must share their
     evaluation rounds: ValueError, saying which, otherwise."""
-    planned = [r for r in res.runs if any(lab["task"] == task for lab in r.labels)]
+    if tolerance < 0:
+        raise ValueError(f"the tolerance is how far the score at R may be from the score at 2R: >= 0, not {tolerance}")
+
+    def here(lab: dict) -> bool:
+        return lab["task"] == task and lab["setting"] == setting
+
+    planned = [r for r in res.runs if any(here(lab) for lab in r.labels)]
     if not planned:
-        raise ValueError(f"the pilot sweep has no run of task {task!r}")
+        raise ValueError(f"the pilot sweep has no run of task {task!r} in setting {setting!r}")
     waiting = [r.identity for r in planned if r.status != FINISHED]
     if waiting:
         raise ValueError(
-            f"the pilot is not finished: {len(waiting)} of {len(planned)} runs of {task} still to run or failed "
-            f"({', '.join(waiting[:4])}{', ...' if len(waiting) > 4 else ''}); the budget is read from all of them"
+            f"the pilot is not finished: {len(waiting)} of {len(planned)} runs of {task}/{setting} still to run or "
+            f"failed ({', '.join(waiting[:4])}{', ...' if len(waiting) > 4 else ''}); the budget is read from all "
+            "of them"
         )
     metric = res.main_metric(task)
     curves: dict[str, dict[int, dict[int, float]]] = {}
@@ -73,17 +84,19 @@ def pilot_budget(res: Results, task: str, tolerance: float = 0.01, candidates: l
         points = run.evaluations(metric)
         evaluated.add(tuple(points))
         for lab in run.labels:
-            if lab["task"] == task:
+            if here(lab):
                 curves.setdefault(lab["rule"], {})[lab["seed"]] = points
     if len(evaluated) > 1:
-        raise ValueError(f"the pilot's runs of {task} were evaluated at different rounds: {sorted(evaluated)}")
+        raise ValueError(
+            f"the pilot's runs of {task}/{setting} were evaluated at different rounds: {sorted(evaluated)}"
+        )
     rounds = list(next(iter(evaluated)))
     if candidates is None:
         candidates = _doubling(rounds)
     missing = [r for r in candidates if r not in rounds or 2 * r not in rounds]
     if missing or not candidates:
         raise ValueError(
-            f"the pilot evaluated {task} at rounds {rounds}: a candidate R needs evaluations at R and 2R "
+            f"the pilot evaluated {task}/{setting} at rounds {rounds}: a candidate R needs evaluations at R and 2R "
             f"(missing for {missing or 'every candidate'})"
         )
     checks = [
@@ -99,7 +112,7 @@ def pilot_budget(res: Results, task: str, tolerance: float = 0.01, candidates: l
         if rule in curves
     ]
     passed = [r for r in candidates if all(c.flat(tolerance) for c in checks if c.rounds == r)]
-    return Budget(task, metric, tolerance, checks, min(passed) if passed else None)
+    return Budget(task, setting, metric, tolerance, checks, min(passed) if passed else None)
 
 
 def _doubling(rounds: list[int]) -> list[int]:
@@ -116,7 +129,7 @@ def budget_markdown(b: Budget) -> str:
     """The checks as a markdown table and the verdict in words."""
     points = round(100 * b.tolerance, 6)
     lines = [
-        f"Budget pilot, {b.task}: seed-mean {b.metric} at R and 2R rounds; flat: within {points:g} points "
+        f"Budget pilot, {b.task}, {b.setting}: seed-mean {b.metric} at R and 2R rounds; flat: within {points:g} points "
         f"({b.tolerance:g}).",
         "",
         "| rule | R | seeds | at R | at 2R | 2R - R | flat |",
@@ -135,3 +148,23 @@ def budget_markdown(b: Budget) -> str:
             f"moving at {max(b.candidates)} rounds. A budget of {largest} rounds was not shown to be flat."
         )
     return "\n".join(lines) + "\n"
+
+
+def pilot_budgets(res: Results, tolerance: float = 0.01, candidates: list[int] | None = None) -> list[Budget]:
+    """:func:`pilot_budget` of every (task, setting) the pilot sweep plans, in axis order."""
+    cells = {(lab["task"], lab["setting"]) for r in res.runs for lab in r.labels}
+    if not cells:
+        raise ValueError("the sweep lists no run: give the --results folder of a budget pilot that has started")
+    axes = res.index.get("axes", {})
+    tasks, settings = list(axes.get("tasks", [])), list(axes.get("settings", []))
+
+    def order(cell: tuple[str, str]) -> tuple:
+        t, s = cell
+        return (
+            tasks.index(t) if t in tasks else len(tasks),
+            t,
+            settings.index(s) if s in settings else len(settings),
+            s,
+        )
+
+    return [pilot_budget(res, t, s, tolerance, candidates) for t, s in sorted(cells, key=order)]

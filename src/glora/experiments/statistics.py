@@ -152,8 +152,9 @@ def compute_seconds(runs: list[Run]) -> float:
 def majority_score(res: Results, task: str, setting: str, metric: str) -> float | None:
     """``metric`` of always predicting the most frequent label of the evaluation split the
     cell's runs were scored on (the validation split or the held-out slice), by the same
-    metric code as the runs; None where the data cannot be read here or a run's task has no
-    class labels. A rule whose curve sits on this line has learned nothing but the prior."""
+    metric code as the runs; for a regression (STS-B), of always predicting the mean label
+    (its correlations are 0 by that code). None where the data cannot be read here or the task
+    is not a GLUE task. A rule whose curve sits on this line has learned nothing but the prior."""
     import numpy as np
 
     from glora.data import glue
@@ -164,8 +165,6 @@ def majority_score(res: Results, task: str, setting: str, metric: str) -> float 
         return None
     cfg = runs[0].config
     spec = glue.get_task(task)
-    if spec.is_regression:
-        return None
     try:
         if cfg.get("eval_split", "validation") == "heldout":
             rows = glue.load_glue(task, "train", cfg.get("data_dir"))
@@ -176,8 +175,8 @@ def majority_score(res: Results, task: str, setting: str, metric: str) -> float 
     except (ValueError, OSError):
         return None
     labels = np.array([r["label"] for r in rows][: cfg.get("max_eval_examples") or None])
-    majority = np.bincount(labels).argmax()
-    return compute_metrics(spec, np.full(len(labels), majority), labels).get(metric)
+    constant = labels.mean() if spec.is_regression else np.bincount(labels).argmax()
+    return compute_metrics(spec, np.full(len(labels), constant), labels).get(metric)
 
 
 # How close to the majority class's score a cell's seed-mean may sit and still be said to

@@ -147,7 +147,9 @@ class RunConfig:
     max_length: int = option(64, "Max tokens per example (dynamic padding).", DATA)
 
     # -- federation ---------------------------------------------------------------------------
-    rule: str = option("glora", "Aggregation rule (see README), or the references centralized / local.", FEDERATION)
+    rule: str = option(
+        "glora", "Aggregation rule (see README), or a reference: centralized, centralized-steps, local.", FEDERATION
+    )
     rule_options: dict[str, Any] = option(  # noqa: RUF009 (a Field with default_factory=dict)
         dict, "Rule option key=value, repeatable (e.g. rank=16, readout_gauge=a-normal).", FEDERATION
     )

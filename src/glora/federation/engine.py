@@ -131,10 +131,9 @@ def sample_clients(n_clients: int, server_round: int, fraction: float, seed: int
 def client_steps(cfg: RunConfig, rule: Rule, n_examples: int) -> int:
     """Local optimiser steps of a client holding ``n_examples``. The pooled client of a rule
     whose ``pooled_budget`` is "federation" takes the steps of every client sampled in a round
-    (the examples the federation sees); of one whose budget is "client", one client's steps
-    (under ``--local-epochs``, those of a client holding the mean share of the pooled data)."""
-    if rule.pooled_budget not in ("federation", "client"):
-        raise ValueError(f"rule {rule.name!r}: pooled_budget is 'federation' or 'client', not {rule.pooled_budget!r}")
+    (the examples the federation sees; under ``--local-epochs``, epochs over all the pooled
+    data); of one whose budget is "client", one client's steps (under ``--local-epochs``,
+    those of a client holding the mean share of the pooled data)."""
     federation = rule.pooled and rule.pooled_budget == "federation"
     if rule.pooled and not federation:
         n_examples = n_examples / cfg.clients

@@ -68,9 +68,12 @@ def estimate_seconds(cfg: RunConfig, cost: CostModel) -> float:
         steps = math.ceil(cfg.local_epochs * n_train / cfg.clients / cfg.batch_size)
     else:
         steps = cfg.local_steps
-    # A pooled reference trains one client for every sampled client's steps (the same total) or,
-    # at a client's budget, for one client's.
-    trained = 1 if rule.pooled and rule.pooled_budget == "client" else per_round
+    # As federation.engine.client_steps: a pooled reference at the federation's budget trains
+    # one client for every sampled client's steps (under local epochs, for epochs over all the
+    # pooled data), at a client's budget for one client's.
+    trained = per_round
+    if rule.pooled:
+        trained = 1 if rule.pooled_budget == "client" else cfg.clients if cfg.local_epochs is not None else per_round
     train = cfg.rounds * (trained * steps * cost.get("step_seconds", task) + cost.get("round_seconds", task))
     n_eval = cost.get("eval_examples", task) if cfg.eval_split == "validation" else cfg.heldout_examples
     if cfg.max_eval_examples is not None:

@@ -158,6 +158,12 @@ def parse_preset(data: dict[str, Any], source: str, default_name: str = "preset"
         raise ValueError(f"preset {source}: seeds must be integers, got {list(seeds)}")
     tasks = {t: dict(v) for t, v in data["tasks"].items()}
     lr_tasks = {t: body.pop("lr_task") for t, body in tasks.items() if "lr_task" in body}
+    for t, other in lr_tasks.items():
+        if not isinstance(other, str) or not other:
+            raise ValueError(
+                f"preset {source}: tasks.{t}.lr_task names the task whose tuned rates {t} takes, e.g. "
+                f'"sst2"; got {other!r}'
+            )
     return Preset(
         name=data.get("name", default_name),
         description=data.get("description", ""),
@@ -201,10 +207,14 @@ def canonical(cfg: RunConfig) -> RunConfig:
     """``cfg`` with what its run does not read normalised. The centralized reference pools
     every client's data (the partition covers every example) into one client of the largest
     rank, so its partition and other ranks do not change what it computes: they become IID and
-    the largest rank. A run's identity is that of its canonical config, whether it came from a
+    the largest rank; at one client's budget (``centralized-steps``) the sampled fraction does
+    not either. A run's identity is that of its canonical config, whether it came from a
     preset or from ``glora run`` (``--reuse-from``)."""
-    if cfg.rule in RULES and RULES[cfg.rule].pooled:
-        return cfg.replace(alpha=None, ranks=str(max(cfg.client_ranks())))
+    rule = RULES.get(cfg.rule)
+    if rule is not None and rule.pooled:
+        cfg = cfg.replace(alpha=None, ranks=str(max(cfg.client_ranks())))
+        if rule.pooled_budget == "client":
+            cfg = cfg.replace(fraction=1.0)  # one pooled client, one client's steps: nothing to sample
     return cfg
 
 

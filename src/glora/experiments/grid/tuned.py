@@ -112,9 +112,10 @@ def _order(res: Results, rule: str) -> int:
 
 def untuned_rules(res: Results) -> dict[tuple[str, str], str]:
     """{(task, rule): how far its tuning is} for every (task, rule) of the sweep with a grid cell
-    (a rate and a seed) that no finished run fills yet. Cells, not runs, are counted: an index
-    that still lists a run planned by an older version of the code for a cell that a newer run
-    has filled does not hold the rule back."""
+    (a rate and a seed) that no finished run fills yet, and every rule of the sweep's axes with
+    no run in its index yet (a sweep run with --only-rules has not planned the others). Cells,
+    not runs, are counted: an index that still lists a run planned by an older version of the
+    code for a cell that a newer run has filled does not hold the rule back."""
     planned: dict[tuple[str, str], set[tuple[str, int]]] = {}
     filled: dict[tuple[str, str], set[tuple[str, int]]] = {}
     for run in res.runs:
@@ -123,11 +124,17 @@ def untuned_rules(res: Results) -> dict[tuple[str, str], str]:
             planned.setdefault(key, set()).add(cell)
             if run.status == FINISHED:
                 filled.setdefault(key, set()).add(cell)
-    return {
+    out = {
         key: f"{len(filled.get(key, ()))} of {len(cells)} runs finished"
         for key, cells in planned.items()
         if len(filled.get(key, ())) < len(cells)
     }
+    axes = res.index.get("axes", {})
+    for task in axes.get("tasks", []):
+        for rule in axes.get("rules", []):
+            if (task, rule) not in planned:
+                out[task, rule] = "no run of it in the sweep yet"
+    return out
 
 
 def _heldout(runs: list) -> list:

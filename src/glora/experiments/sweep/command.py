@@ -25,10 +25,12 @@ def with_tuned_lrs(
     runs: list[PlannedRun], lrs: dict, source: Path, lr_tasks: dict[str, str] | None = None
 ) -> list[PlannedRun]:
     """The runs with the tuned learning rate of their task ({task: lr}) or of their task and
-    rule ({(task, rule): lr}; a rule the tuning lacks takes the rate of the rule it declares
-    ``tuned_as``); a task named in ``lr_tasks`` (the preset's ``lr_task``) takes the rates of
-    the task it names. ValueError for a task or rule the tuning lacks."""
+    rule ({(task, rule): lr}; a rule that the tuning sweep in ``source`` does not tune at all
+    takes the rate of the rule it declares ``tuned_as``); a task named in ``lr_tasks`` (the
+    preset's ``lr_task``) takes the rates of the task it names. ValueError for a task or rule
+    the tuning lacks, saying how far its tuning is where it is under way."""
     per_rule = any(isinstance(k, tuple) for k in lrs)
+    progress = _tuning_progress(source) if per_rule else {}
 
     def key(run: PlannedRun):
         task = (lr_tasks or {}).get(run.config.task, run.config.task)
@@ -36,12 +38,11 @@ def with_tuned_lrs(
             return task
         cell = (task, run.config.rule)
         stand_in = RULES[run.config.rule].tuned_as
-        return (task, stand_in) if cell not in lrs and stand_in else cell
+        return (task, stand_in) if stand_in and cell not in lrs and cell not in progress else cell
 
     missing = sorted({key(r) for r in runs} - set(lrs), key=str)
     if missing:
         tuned = ", ".join("/".join(k) if isinstance(k, tuple) else k for k in sorted(lrs, key=str))
-        progress = _tuning_progress(source) if per_rule else {}
         names = ", ".join(
             "/".join(k) + (f" ({progress[k]})" if k in progress else "") if isinstance(k, tuple) else k for k in missing
         )
