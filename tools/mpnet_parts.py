@@ -10,24 +10,23 @@ the model folder in float32 where the backbone name "mpnet" resolves
 (``$GLORA_CACHE_DIR/backbones/all-mpnet-base-v2``), so the runs' configs and identities are
 those of the CPU runs; their weights are the CPU runs' rounded to float16.
 
-Written by hand: no library splits a file for a transfer limit and checks it on arrival.
+The parts themselves are parts.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # parts.py, beside this file
+from parts import missing_parts, read_parts, write_parts
+
 WEIGHTS = "model.safetensors"
 PART = "model16.part"
-MANIFEST = "manifest.json"
 
 
 def split(model_dir: Path, out: Path, part_bytes: int) -> int:
@@ -36,31 +35,16 @@ def split(model_dir: Path, out: Path, part_bytes: int) -> int:
     import torch
     from safetensors.torch import load_file, save
 
-    if part_bytes <= 0:
-        raise ValueError(f"part size must be positive, got {part_bytes} bytes: the tracked tree leaves no room")
     weights = load_file(model_dir / WEIGHTS)
     blob = save({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, metadata={"format": "pt"})
-    parts = math.ceil(len(blob) / part_bytes)
-    if out.exists():
-        shutil.rmtree(out)
-    for i in range(parts):
-        folder = out / str(i + 1)
-        folder.mkdir(parents=True)
-        (folder / PART).write_bytes(blob[i * part_bytes : (i + 1) * part_bytes])
-    files = out / "1" / "files"
-    shutil.copytree(model_dir, files, ignore=shutil.ignore_patterns(WEIGHTS))
-    manifest = {"parts": parts, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-    (out / "1" / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    parts = write_parts(blob, out, part_bytes, PART)
+    shutil.copytree(model_dir, out / "1" / "files", ignore=shutil.ignore_patterns(WEIGHTS))
     return parts
 
 
-def missing_parts(parts_dir: Path) -> list[int]:
-    """The part numbers not yet under ``parts_dir`` (all of them, as [1], before part 1)."""
-    manifest = parts_dir / "1" / MANIFEST
-    if not manifest.exists():
-        return [1]
-    count = json.loads(manifest.read_text())["parts"]
-    return [i for i in range(1, count + 1) if not (parts_dir / str(i) / PART).exists()]
+def missing(parts_dir: Path) -> list[int]:
+    """The MPNet part numbers not yet under ``parts_dir``."""
+    return missing_parts(parts_dir, PART)
 
 
 def join(parts_dir: Path, target: Path) -> None:
@@ -70,19 +54,12 @@ def join(parts_dir: Path, target: Path) -> None:
     import torch
     from safetensors.torch import load, save_file
 
-    missing = missing_parts(parts_dir)
-    if missing:
+    if missing(parts_dir):
         raise ValueError(
-            f"MPNet parts {missing} have not reached {parts_dir}: carry .gpu-mpnet/<part> in one call each "
-            "(RECEIVE=1 bash tools/gpu_lease.sh), then run the lease"
+            f"MPNet parts {missing(parts_dir)} have not reached {parts_dir}: carry .gpu-mpnet/<part> in one call "
+            "each (RECEIVE=1 bash tools/gpu_lease.sh), then run the lease"
         )
-    manifest = json.loads((parts_dir / "1" / MANIFEST).read_text())
-    blob = b"".join((parts_dir / str(i) / PART).read_bytes() for i in range(1, manifest["parts"] + 1))
-    if len(blob) != manifest["bytes"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
-        raise ValueError(
-            f"MPNet parts under {parts_dir} do not match their manifest ({len(blob)} bytes against "
-            f"{manifest['bytes']}, or another sha256): make the bundle again and resend every part"
-        )
+    blob = read_parts(parts_dir, PART, "MPNet")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         folder = Path(tmp) / "model"
@@ -111,8 +88,8 @@ def main() -> None:
             n = split(args.model_dir, args.out, args.part_bytes)
             print(f"MPNet in {n} parts under {args.out}: carry {args.out}/1 ... {args.out}/{n}, one a call")
         elif args.command == "missing":
-            missing = missing_parts(args.parts_dir)
-            print(f"MPNet parts not yet in {args.parts_dir}: {missing}" if missing else "every MPNet part is here")
+            left = missing(args.parts_dir)
+            print(f"MPNet parts not yet in {args.parts_dir}: {left}" if left else "every MPNet part is here")
         else:
             join(args.parts_dir, args.target)
             print(f"MPNet assembled at {args.target}")
