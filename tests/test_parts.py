@@ -39,7 +39,7 @@ def test_a_missing_part_is_named_and_a_corrupted_one_refused(tmp_path):
     assert parts.missing_parts(tmp_path / "nothing") == [1]
     (tmp_path / "out" / "2" / parts.PART).unlink()
     assert parts.missing_parts(tmp_path / "out") == [2]
-    with pytest.raises(ValueError, match=r"parts \[2\] of w.bin have not reached"):
+    with pytest.raises(ValueError, match=r"parts \[2\] of w.bin are not whole"):
         parts.join(tmp_path / "out", tmp_path / "w.bin")
     (tmp_path / "out" / "2" / parts.PART).write_bytes(b"y" * 1000)  # the right size, other bytes
     with pytest.raises(ValueError, match="do not match their manifest"):
@@ -65,3 +65,13 @@ def test_mpnet_weights_come_back_in_float32_as_their_float16_rounding(tmp_path):
     for k, v in weights.items():
         assert back[k].dtype == torch.float32 and torch.equal(back[k], v.half().float())
     assert json.loads((tmp_path / "joined" / "config.json").read_text()) == {"model_type": "mpnet"}
+
+
+def test_a_part_cut_short_is_named_missing_and_a_split_cut_short_has_no_manifest(tmp_path):
+    parts.write_parts(b"z" * 2500, tmp_path / "out", 1000)
+    part = tmp_path / "out" / "3" / parts.PART
+    part.write_bytes(part.read_bytes()[:100])  # a copy interrupted
+    assert parts.missing_parts(tmp_path / "out") == [3]
+    (tmp_path / "out" / "1" / parts.MANIFEST).write_text("{}")
+    with pytest.raises(ValueError, match="is not a manifest of parts.py"):
+        parts.missing_parts(tmp_path / "out")

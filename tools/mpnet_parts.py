@@ -35,11 +35,14 @@ def split(model_dir: Path, out: Path, part_bytes: int) -> int:
     import torch
     from safetensors.torch import load_file, save
 
+    if part_bytes <= 0:  # before minutes of loading and converting
+        raise ValueError(f"part size must be positive, got {part_bytes} bytes: the tracked tree leaves no room")
     weights = load_file(model_dir / WEIGHTS)
     blob = save({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, metadata={"format": "pt"})
-    parts = write_parts(blob, out, part_bytes, PART)
-    shutil.copytree(model_dir, out / "1" / "files", ignore=shutil.ignore_patterns(WEIGHTS))
-    return parts
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp) / "files"
+        shutil.copytree(model_dir, files, ignore=shutil.ignore_patterns(WEIGHTS))
+        return write_parts(blob, out, part_bytes, PART, files)
 
 
 def missing(parts_dir: Path) -> list[int]:

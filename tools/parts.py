@@ -29,30 +29,56 @@ MANIFEST = "manifest.json"
 PART = "part"
 
 
-def write_parts(blob: bytes, out: Path, part_bytes: int, name: str = PART) -> int:
+def write_parts(blob: bytes, out: Path, part_bytes: int, name: str = PART, files: Path | None = None) -> int:
     """``blob`` as parts of at most ``part_bytes`` bytes, ``out/1/name`` ... ``out/N/name``
-    (``out`` replaced), with the manifest in ``out/1``; returns N."""
+    (``out`` replaced), ``files`` (a folder, if given) copied to ``out/1/files``, and the
+    manifest in ``out/1`` written last, so that a split cut short has none; returns N."""
     if part_bytes <= 0:
         raise ValueError(f"part size must be positive, got {part_bytes} bytes: the tracked tree leaves no room")
     parts = max(1, math.ceil(len(blob) / part_bytes))
     if out.exists():
         shutil.rmtree(out)
+    sizes = []
     for i in range(parts):
         folder = out / str(i + 1)
         folder.mkdir(parents=True)
-        (folder / name).write_bytes(blob[i * part_bytes : (i + 1) * part_bytes])
-    manifest = {"parts": parts, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        chunk = blob[i * part_bytes : (i + 1) * part_bytes]
+        (folder / name).write_bytes(chunk)
+        sizes.append(len(chunk))
+    if files is not None:
+        shutil.copytree(files, out / "1" / "files")
+    manifest = {"parts": parts, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "sizes": sizes}
     (out / "1" / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return parts
 
 
+def manifest_of(parts_dir: Path) -> dict | None:
+    """The manifest under ``parts_dir`` (None before part 1 has arrived); ValueError for one
+    that cannot be read."""
+    path = parts_dir / "1" / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        int(manifest["parts"]), int(manifest["bytes"]), str(manifest["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a manifest of parts.py ({e}): carry part 1 again") from None
+    return manifest
+
+
 def missing_parts(parts_dir: Path, name: str = PART) -> list[int]:
-    """The part numbers not yet under ``parts_dir`` (all of them, as [1], before part 1)."""
-    manifest = parts_dir / "1" / MANIFEST
-    if not manifest.exists():
+    """The part numbers not yet under ``parts_dir`` whole (all of them, as [1], before part 1):
+    absent, or of another size than the manifest's (a copy cut short, a part of another split)."""
+    manifest = manifest_of(parts_dir)
+    if manifest is None:
         return [1]
-    count = json.loads(manifest.read_text())["parts"]
-    return [i for i in range(1, count + 1) if not (parts_dir / str(i) / name).exists()]
+    sizes = manifest.get("sizes") or [None] * manifest["parts"]
+    out = []
+    for i, size in enumerate(sizes, start=1):
+        part = parts_dir / str(i) / name
+        if not part.exists() or (size is not None and part.stat().st_size != size):
+            out.append(i)
+    return out
 
 
 def read_parts(parts_dir: Path, name: str = PART, what: str = "the file") -> bytes:
@@ -60,8 +86,10 @@ def read_parts(parts_dir: Path, name: str = PART, what: str = "the file") -> byt
     ValueError naming the missing parts or the mismatch (``what`` names the file in it)."""
     missing = missing_parts(parts_dir, name)
     if missing:
-        raise ValueError(f"parts {missing} of {what} have not reached {parts_dir}: carry each part in one call")
-    manifest = json.loads((parts_dir / "1" / MANIFEST).read_text())
+        raise ValueError(
+            f"parts {missing} of {what} are not whole under {parts_dir}: carry each of them again, one a call"
+        )
+    manifest = manifest_of(parts_dir)
     blob = b"".join((parts_dir / str(i) / name).read_bytes() for i in range(1, manifest["parts"] + 1))
     if len(blob) != manifest["bytes"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
         raise ValueError(
