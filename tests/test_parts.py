@@ -73,5 +73,5 @@ def test_a_part_cut_short_is_named_missing_and_a_split_cut_short_has_no_manifest
     part.write_bytes(part.read_bytes()[:100])  # a copy interrupted
     assert parts.missing_parts(tmp_path / "out") == [3]
     (tmp_path / "out" / "1" / parts.MANIFEST).write_text("{}")
-    with pytest.raises(ValueError, match="is not a manifest of parts.py"):
+    with pytest.raises(ValueError, match=r"is not a manifest of parts\.py"):
         parts.missing_parts(tmp_path / "out")
