@@ -11,6 +11,8 @@
 # Everything lands in $OUT/sweeps.tar.gz (run folders without checkpoints, logs).
 # To continue the committed sweeps on a later lease rather than start afresh:
 #   TUNE=0 CONTINUE_FROM=results/sweeps bash tools/gpu_lease.sh
+# Version 2 of the protocol (the rate grid of every rule, then the budget pilot) instead:
+#   PLAN=v2 CONTINUE_FROM=results/sweeps bash tools/gpu_lease.sh
 # copies each committed sweep folder into the run area first (so finished runs are skipped and
 # the folders grow), and skips step 2 (the presets already hold the tuned rates).
 set -uo pipefail
@@ -104,6 +106,17 @@ if [ -n "$CONTINUE_FROM" ]; then
   for d in "$CONTINUE_FROM"/*/; do
     [ -f "$d/sweep.json" ] && cp -a "${d%/}" "$R/" && echo "continuing $(basename "$d"): $(ls "$d"/*/summary.json 2>/dev/null | wc -l) finished"
   done
+fi
+# PLAN=v2 (results/sweeps/PROTOCOL.md, issues #28-#29) replaces steps 2-3: every rule's own
+# rate (lr-tuning-rules, continued from CONTINUE_FROM), then the budget pilot at those rates.
+if [ "${PLAN:-v1}" = v2 ]; then
+  pool v2-rates "$DEADLINE" 'glora sweep lr-tuning-rules --results $R/lr-tuning-rules --threads 1 --no-progress'
+  pool v2-pilot "$DEADLINE" 'glora sweep budget-pilot --results $R/budget-pilot --lr-from $R/lr-tuning-rules --lr-per-rule --threads 1 --no-progress'
+  for d in "$R"/*/; do
+    [ -f "$d/sweep.json" ] && echo "$(basename "$d"): $(ls "$d"/*/summary.json 2>/dev/null | wc -l) finished"
+  done
+  finish
+  exit 0
 fi
 [ "$TUNE" = 1 ] && pool tuning "$TUNING_DEADLINE" 'glora sweep lr-tuning --results $R/lr-tuning --threads 1 --no-progress
   glora sweep default-tuning --results $R/default-tuning --threads 1 --no-progress' 
