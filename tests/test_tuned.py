@@ -83,7 +83,7 @@ def test_a_task_the_tuning_lacks_is_refused(tmp_path):
 
 
 def test_per_rule_each_rule_takes_its_own_best_rate_once_all_its_runs_finished(tmp_path):
-    from glora.experiments.grid.tuned import tuned_lrs_per_rule
+    from glora.experiments.grid.tuned import tuned_lrs_per_rule, untuned_rules
     from glora.experiments.sweep_results import load_results
 
     root = _sweep(
@@ -114,8 +114,22 @@ def test_per_rule_each_rule_takes_its_own_best_rate_once_all_its_runs_finished(t
     runs = expand(load_preset("data-heterogeneity"), tasks=["sst2"], settings=["iid"], rules=["glora", "fedit"])
     tuned = with_tuned_lrs(runs, lrs, root)
     assert {(r.config.rule, r.config.lr) for r in tuned} == {("glora", 2e-3), ("fedit", 1e-3)}
+    flora = expand(load_preset("data-heterogeneity"), tasks=["sst2"], rules=["flora"])
     with pytest.raises(ValueError, match=r"no tuned learning rate for sst2/flora \(3 of 4 runs finished\)"):
-        with_tuned_lrs(expand(load_preset("data-heterogeneity"), tasks=["sst2"], rules=["flora"]), lrs, root)
+        with_tuned_lrs(flora, lrs, root, progress=untuned_rules(load_results(root)))
+    # The sweep reads the tuning folder once and says the same.
+    with pytest.raises(ValueError, match=r"no tuned learning rate for sst2/flora \(3 of 4 runs finished\)"):
+        sweep_command(
+            load_preset("data-heterogeneity"),
+            tmp_path / "out",
+            "test",
+            dry_run=True,
+            seeds=[0],
+            tasks=["sst2"],
+            rules=["flora"],
+            lr_from=root,
+            lr_per_rule=True,
+        )
 
 
 def test_a_rule_tuned_as_another_takes_its_rate_unless_it_has_its_own(tmp_path):
@@ -206,7 +220,7 @@ def test_the_rate_table_shows_every_rate_the_choice_and_the_rules_still_tuning(t
 
 def test_a_rule_tuned_as_another_waits_for_its_own_tuning_where_the_sweep_has_it(tmp_path):
     from glora.experiments.grid.preset import PlannedRun
-    from glora.experiments.grid.tuned import tuned_lrs_per_rule
+    from glora.experiments.grid.tuned import tuned_lrs_per_rule, untuned_rules
     from glora.experiments.sweep_results import load_results
 
     root = _sweep(
@@ -221,7 +235,7 @@ def test_a_rule_tuned_as_another_waits_for_its_own_tuning_where_the_sweep_has_it
     base = expand(load_preset("data-heterogeneity"), tasks=["sst2"], settings=["iid"], rules=["centralized"])[0]
     steps = PlannedRun(base.config.replace(rule="centralized-steps"), base.labels, base.estimate_seconds)
     with pytest.raises(ValueError, match=r"sst2/centralized-steps \(1 of 2 runs finished\)"):
-        with_tuned_lrs([steps], lrs, root)
+        with_tuned_lrs([steps], lrs, root, progress=untuned_rules(load_results(root)))
 
 
 def test_a_rule_of_the_sweeps_axes_with_no_run_indexed_is_listed_as_untuned(tmp_path):

@@ -4,12 +4,12 @@ run has finished. It counts local steps, evaluations and a fixed setup cost."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from glora.aggregation import RULES
 from glora.federation.config import RunConfig
+from glora.federation.engine import client_steps
 
 _COST_KEYS = (
     "step_seconds",
@@ -63,18 +63,15 @@ def estimate_seconds(cfg: RunConfig, cost: CostModel) -> float:
     rule = RULES[cfg.rule]
     task = cfg.task
     per_round = max(1, round(cfg.fraction * cfg.clients))
-    if cfg.local_epochs is not None:
-        n_train = cfg.max_train_examples or cost.get("train_examples", task)
-        steps = math.ceil(cfg.local_epochs * n_train / cfg.clients / cfg.batch_size)
-    else:
-        steps = cfg.local_steps
-    # As federation.engine.client_steps: a pooled reference at the federation's budget trains
-    # one client for every sampled client's steps (under local epochs, for epochs over all the
-    # pooled data), at a client's budget for one client's.
-    trained = per_round
+    # The loop's own step count (federation.engine.client_steps): the pooled reference is one
+    # client holding every example, the others a client of the mean share each. The pooled
+    # data's size only matters under local epochs.
+    n_train = (cfg.max_train_examples or cost.get("train_examples", task)) if cfg.local_epochs is not None else 0
     if rule.pooled:
-        trained = 1 if rule.pooled_budget == "client" else cfg.clients if cfg.local_epochs is not None else per_round
-    train = cfg.rounds * (trained * steps * cost.get("step_seconds", task) + cost.get("round_seconds", task))
+        steps = client_steps(cfg, rule, n_train)
+    else:
+        steps = per_round * client_steps(cfg, rule, n_train / cfg.clients)
+    train = cfg.rounds * (steps * cost.get("step_seconds", task) + cost.get("round_seconds", task))
     n_eval = cost.get("eval_examples", task) if cfg.eval_split == "validation" else cfg.heldout_examples
     if cfg.max_eval_examples is not None:
         n_eval = min(n_eval, cfg.max_eval_examples)

@@ -51,14 +51,19 @@ def tuned_lrs_per_rule(res: Results) -> dict[tuple[str, str], float]:
     """{(task, rule): chosen learning rate} (see the module docstring, "per rule"). A (task,
     rule) is tuned only once every run the sweep plans for it has finished (every rate, every
     seed): a half-done rule would choose among the rates that happen to have run."""
-    untuned = untuned_rules(res)
+    out = _choose(rule_scores(res), untuned_rules(res))
+    if not out:
+        raise ValueError("the tuning sweep has no rule with every run finished yet: run it first")
+    return out
+
+
+def _choose(scores: dict, untuned: dict) -> dict[tuple[str, str], float]:
+    """Each tuned (task, rule)'s rate of the best seed-mean score, ties to the smaller rate."""
     out = {}
-    for cell, by_lr in rule_scores(res).items():
+    for cell, by_lr in scores.items():
         if cell not in untuned:
             means = {lr: float(np.mean(v)) for lr, v in by_lr.items()}
             out[cell] = min(means, key=lambda lr: (-means[lr], lr))
-    if not out:
-        raise ValueError("the tuning sweep has no rule with every run finished yet: run it first")
     return out
 
 
@@ -78,7 +83,7 @@ def rate_table(res: Results) -> str:
     rate ``--lr-per-rule`` takes, or how far a rule still tuning is. A rate at the edge of the
     grid is marked: the best rate may lie beyond it."""
     scores, untuned = rule_scores(res), untuned_rules(res)
-    chosen = tuned_lrs_per_rule(res) if set(scores) - set(untuned) else {}
+    chosen = _choose(scores, untuned)
     rates = sorted({lr for by_lr in scores.values() for lr in by_lr})
     lines = [
         "| task | rule | " + " | ".join(f"{lr:g}" for lr in rates) + " | chosen |",

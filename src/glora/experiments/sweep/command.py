@@ -13,7 +13,7 @@ from rich.console import Console
 
 from glora.aggregation import RULES
 from glora.experiments.grid.preset import PlannedRun, Preset, canonical, expand
-from glora.experiments.grid.tuned import tuned_lrs_from, untuned_rules
+from glora.experiments.grid.tuned import tuned_lrs, tuned_lrs_per_rule, untuned_rules
 from glora.experiments.sweep.runner import SweepOutcome, run_sweep
 from glora.experiments.sweep.time_left import print_plan
 from glora.experiments.sweep_results import FINISHED, load_results, run_status
@@ -22,15 +22,20 @@ from glora.federation.results import CONFIG
 
 
 def with_tuned_lrs(
-    runs: list[PlannedRun], lrs: dict, source: Path, lr_tasks: dict[str, str] | None = None
+    runs: list[PlannedRun],
+    lrs: dict,
+    source: Path,
+    lr_tasks: dict[str, str] | None = None,
+    progress: dict[tuple[str, str], str] | None = None,
 ) -> list[PlannedRun]:
     """The runs with the tuned learning rate of their task ({task: lr}) or of their task and
     rule ({(task, rule): lr}; a rule that the tuning sweep in ``source`` does not tune at all
     takes the rate of the rule it declares ``tuned_as``); a task named in ``lr_tasks`` (the
-    preset's ``lr_task``) takes the rates of the task it names. ValueError for a task or rule
-    the tuning lacks, saying how far its tuning is where it is under way."""
+    preset's ``lr_task``) takes the rates of the task it names. ``progress``: the tuning
+    sweep's :func:`untuned_rules`, for a rule whose tuning is under way. ValueError for a task
+    or rule the tuning lacks, saying how far its tuning is where it is under way."""
     per_rule = any(isinstance(k, tuple) for k in lrs)
-    progress = _tuning_progress(source) if per_rule else {}
+    progress = progress or {}
 
     def key(run: PlannedRun):
         task = (lr_tasks or {}).get(run.config.task, run.config.task)
@@ -53,14 +58,6 @@ def with_tuned_lrs(
     for run in runs:
         run.config = run.config.replace(lr=lrs[key(run)])
     return runs
-
-
-def _tuning_progress(source: Path) -> dict[tuple[str, str], str]:
-    """How far each untuned rule of the tuning sweep in ``source`` is ({} where it cannot be read)."""
-    try:
-        return untuned_rules(load_results(source))
-    except ValueError:
-        return {}
 
 
 def finished_runs(source: Path) -> dict[str, Path]:
@@ -135,7 +132,10 @@ def sweep_command(
     run."""
     runs = expand(preset, seeds=seeds, rules=rules, tasks=tasks, settings=settings)
     if lr_from is not None:
-        runs = with_tuned_lrs(runs, tuned_lrs_from(lr_from, per_rule=lr_per_rule), lr_from, preset.lr_tasks)
+        tuning = load_results(lr_from)  # read once: the rates and how far each rule's tuning is
+        lrs = tuned_lrs_per_rule(tuning) if lr_per_rule else tuned_lrs(tuning)
+        progress = untuned_rules(tuning) if lr_per_rule else None
+        runs = with_tuned_lrs(runs, lrs, lr_from, preset.lr_tasks, progress)
     if threads is not None:
         # Threads are not part of a run's identity: they change its speed, not its result.
         for run in runs:
